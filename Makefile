@@ -1,0 +1,60 @@
+# modgud — make demo | make test | make check | make bench
+# Finds a Python >= 3.12 by itself (.ci/find-python) and builds .venv (modgud) and
+# .venv-synapse (real Synapse + synapse-http-antispam for the end-to-end tests and the demo).
+
+SHELL := /bin/bash
+VENV := .venv
+SYNAPSE_VENV := .venv-synapse
+PY := $(VENV)/bin/python
+SYNAPSE_VERSION ?= 1.163.2
+ANTISPAM_VERSION ?= 0.5.1
+PYTEST_ARGS ?=
+
+.PHONY: all venv synapse demo test check lint typecheck unit e2e bench clean
+
+all: check
+
+$(VENV)/.stamp: pyproject.toml
+	@py=$$(.ci/find-python) || exit 1; \
+	  echo "using $$py ($$($$py --version))"; \
+	  [ -x $(PY) ] || $$py -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+$(SYNAPSE_VENV)/.stamp:
+	@py=$$(.ci/find-python) || exit 1; \
+	  [ -x $(SYNAPSE_VENV)/bin/python ] || $$py -m venv $(SYNAPSE_VENV)
+	$(SYNAPSE_VENV)/bin/python -m pip install -q 'matrix-synapse==$(SYNAPSE_VERSION)' 'synapse-http-antispam==$(ANTISPAM_VERSION)'
+	@touch $@
+
+synapse: $(SYNAPSE_VENV)/.stamp
+
+## The demo: a real Synapse behind modgud, a second Synapse, scripted federation traffic.
+demo: venv synapse
+	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m proxy_addons.testbed.demo
+
+## The full suite: lint, types, unit tests, end-to-end tests against real Synapse.
+test: check synapse
+	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
+
+## Fast checks: ruff, mypy (strict on rules/), unit and addon tests.
+check: lint typecheck unit
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy rules proxy_addons
+
+unit: venv
+	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
+
+bench: venv synapse
+	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) $(SYNAPSE_VENV) .pytest_cache .mypy_cache .ruff_cache
