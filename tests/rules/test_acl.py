@@ -16,11 +16,26 @@ CASES = [
     ({"allow": ["*"], "deny": ["evil.org"]}, "evil.org", False, "deny before allow"),
     ({"allow": ["evil.org"], "deny": ["evil.org"]}, "evil.org", False, "deny wins over allow"),
     ({"allow": ["*"], "deny": ["*.evil.org"]}, "sub.evil.org", False, "*.suffix denies subdomains"),
-    ({"allow": ["*"], "deny": ["*.evil.org"]}, "evil.org", True, "*.evil.org does not match evil.org"),
+    (
+        {"allow": ["*"], "deny": ["*.evil.org"]},
+        "evil.org",
+        True,
+        "*.evil.org does not match evil.org",
+    ),
     ({"allow": ["*"], "deny": ["EVIL.ORG"]}, "evil.org", False, "case-insensitive (pattern)"),
     ({"allow": ["*"], "deny": ["evil.org"]}, "EviL.Org", False, "case-insensitive (name)"),
-    ({"allow": ["*"], "deny": ["evil.org"]}, "evil.org:8448", False, "port stripped before matching"),
-    ({"allow": ["*"], "deny": ["evil.org:8448"]}, "evil.org:8448", True, "a glob with a port never matches"),
+    (
+        {"allow": ["*"], "deny": ["evil.org"]},
+        "evil.org:8448",
+        False,
+        "port stripped before matching",
+    ),
+    (
+        {"allow": ["*"], "deny": ["evil.org:8448"]},
+        "evil.org:8448",
+        True,
+        "a glob with a port never matches",
+    ),
     ({"allow": ["*"], "deny": ["ev?l.org"]}, "evil.org", False, "? matches one character"),
     ({"allow": ["*"], "deny": ["ev?l.org"]}, "evl.org", True, "? does not match zero characters"),
     ({"allow": ["*"], "deny": ["ev?l.org"]}, "eviil.org", True, "? does not match two characters"),
@@ -30,16 +45,36 @@ CASES = [
     ({"allow": ["*"], "deny": ["[a-z].org"]}, "[a-z].org", False, "[ matches itself"),
     ({"allow": ["*"], "deny": ["evil.org"]}, "notevil.org", True, "globs match the whole name"),
     ({"allow": ["*"], "deny": ["evil"]}, "evil.org", True, "no prefix matching"),
-    ({"allow": ["*"], "deny": [42, None, {"x": 1}, "evil.org"]}, "evil.org", False, "non-strings ignored"),
+    (
+        {"allow": ["*"], "deny": [42, None, {"x": 1}, "evil.org"]},
+        "evil.org",
+        False,
+        "non-strings ignored",
+    ),
     ({"allow": [42, None], "deny": []}, "ok.org", False, "allow of only non-strings is empty"),
     ({"allow": "*"}, "ok.org", False, "non-list allow counts as empty"),
     ({"allow": ["*"], "deny": "evil.org"}, "evil.org", True, "non-list deny counts as empty"),
     ({"allow": ["*"]}, "1.2.3.4", True, "IP literals allowed by default"),
     ({"allow": ["*"], "allow_ip_literals": False}, "1.2.3.4", False, "IPv4 literal denied"),
-    ({"allow": ["*"], "allow_ip_literals": False}, "1.2.3.4:8448", False, "IPv4 literal with port denied"),
+    (
+        {"allow": ["*"], "allow_ip_literals": False},
+        "1.2.3.4:8448",
+        False,
+        "IPv4 literal with port denied",
+    ),
     ({"allow": ["*"], "allow_ip_literals": False}, "[::1]", False, "IPv6 literal denied"),
-    ({"allow": ["*"], "allow_ip_literals": False}, "[::1]:8448", False, "IPv6 literal with port denied"),
-    ({"allow": ["*"], "allow_ip_literals": False}, "1.2.3.4.nip.io", True, "a DNS name is not a literal"),
+    (
+        {"allow": ["*"], "allow_ip_literals": False},
+        "[::1]:8448",
+        False,
+        "IPv6 literal with port denied",
+    ),
+    (
+        {"allow": ["*"], "allow_ip_literals": False},
+        "1.2.3.4.nip.io",
+        True,
+        "a DNS name is not a literal",
+    ),
     ({"allow": ["*"], "allow_ip_literals": "false"}, "1.2.3.4", True, "non-boolean counts as true"),
     ({"allow": ["*"], "allow_ip_literals": 0}, "1.2.3.4", True, "0 is not a boolean"),
     ({"allow": ["1.2.3.*"]}, "1.2.3.4:99", True, "IP literals can be matched by globs"),
@@ -56,7 +91,12 @@ CASES = [
     ({"allow": ["**"]}, "x.org", True, "consecutive stars"),
     ({"allow": ["?*"]}, "x", True, "?* matches one character"),
     ({"allow": ["?*"]}, "", False, "?* does not match empty"),
-    ({"allow": ["ÉVIL.org"]}, "évil.org", True, "case folding of non-ASCII like Synapse's IGNORECASE"),
+    (
+        {"allow": ["ÉVIL.org"]},
+        "évil.org",
+        True,
+        "case folding of non-ASCII like Synapse's IGNORECASE",
+    ),
 ]
 
 
@@ -113,7 +153,16 @@ def test_glob_matches(pattern, name, matches):
 def test_globset_buckets_agree_with_plain_matching():
     """Exact, suffix, prefix and general globs in a GlobSet match what each glob matches."""
     patterns = ["exact.org", "*.suffix.org", "prefix.*", "g?n*ral.org", "*", "x*y*z"]
-    names = ["exact.org", "a.suffix.org", "suffix.org", "prefix.net", "general.org", "xyz", "xay", "zzz"]
+    names = [
+        "exact.org",
+        "a.suffix.org",
+        "suffix.org",
+        "prefix.net",
+        "general.org",
+        "xyz",
+        "xay",
+        "zzz",
+    ]
     for pattern in patterns:
         one = GlobSet([pattern])
         glob = compile_glob(pattern)

@@ -1,0 +1,65 @@
+"""Verdicts and findings: what the checks decide and why.
+
+A `Finding` is pure data about one problem with one item of traffic. What is done about it
+(dropped, flagged, rejected) depends on the deployment mode and is decided where the
+verdict is applied, in proxy_addons/.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Confidence", "Decision", "Finding", "Rule", "Severity"]
+
+
+class Decision(enum.Enum):
+    ALLOW = "allow"
+    REFUSE = "refuse"
+
+
+class Severity(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    HIGH = "high"
+
+
+class Confidence(enum.StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Rule(enum.StrEnum):
+    """Finding kinds. The value is the stable name stored, exported and documented."""
+
+    ACL_ORIGIN = "acl.origin"  # the delivering server is denied by the room's ACL
+    ACL_SENDER = "acl.sender"  # the event's author's server is denied (the leak)
+    ACL_EDU = "acl.edu"  # a typing/receipt EDU for a room whose ACL denies the origin
+    EDU_IMPERSONATION = "edu.impersonation"  # an EDU naming a user of another server
+    MALFORMED_REQUEST = "malformed.request"  # body not JSON, wrong shape, over the limits
+    MALFORMED_PDU = "malformed.pdu"
+    MALFORMED_EDU = "malformed.edu"
+    UNKNOWN_ROOM_VERSION = "room.unknown_version"
+    BAD_REQUEST_SIGNATURE = "signature.request"  # X-Matrix missing, malformed or wrong
+    BAD_EVENT_SIGNATURE = "signature.event"
+    BAD_CONTENT_HASH = "hash.content"
+    STATE_UNAVAILABLE = "error.state_unavailable"  # room state could not be had
+    INTERNAL_ERROR = "error.internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem with one item of traffic, and whom it is attributed to."""
+
+    rule: Rule
+    severity: Severity
+    detail: str
+    room_id: str | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+    sender: str | None = None
+    sender_server: str | None = None
+    origin: str | None = None
+    attributed_to: str | None = None
+    confidence: Confidence = Confidence.HIGH
