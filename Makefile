@@ -48,7 +48,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy rules proxy_addons
+	$(VENV)/bin/mypy --strict rules
+	$(VENV)/bin/mypy proxy_addons
 
 unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)

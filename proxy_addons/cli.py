@@ -1,0 +1,202 @@
+"""The `modgud` command: run, findings, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy_addons.config import Config, ConfigError, load_config
+from proxy_addons.store import FINDING_COLUMNS, query_findings
+
+__all__ = ["main"]
+
+ENTRYPOINT = Path(__file__).with_name("entrypoint.py")
+
+
+def mitmdump_args(config: Config, certs_file: str | None) -> list[str]:
+    """The mitmdump command line that runs modgud for `config`."""
+    host = config.inbound.host
+    listen = f"[{host}]" if ":" in host else host
+    args = [
+        "--mode",
+        f"reverse:{config.upstream}@{listen}:{config.inbound.port}",
+        "-s",
+        str(ENTRYPOINT),
+        "--set",
+        f"modgud_config={config.path}",
+        "--set",
+        "flow_detail=0",
+    ]
+    if certs_file:
+        args += ["--certs", f"*={certs_file}"]
+    return args
+
+
+def _combined_certs(config: Config) -> str | None:
+    """mitmproxy wants key and chain in one PEM: write it where only we can read it."""
+    if not config.tls_certificate or not config.tls_key:
+        return None
+    fd, path = tempfile.mkstemp(prefix="modgud-tls-", suffix=".pem")
+    with os.fdopen(fd, "w") as out:
+        out.write(Path(config.tls_key).read_text())
+        out.write("\n")
+        out.write(Path(config.tls_certificate).read_text())
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from mitmproxy.tools.main import mitmdump
+
+    certs = _combined_certs(config)
+    try:
+        mitmdump(mitmdump_args(config, certs) + list(args.mitmproxy_args))
+    finally:
+        if certs:
+            os.unlink(certs)
+    return 0
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`30m`, `2h`, `7d`, a Unix time, or an ISO 8601 time (UTC if no zone)."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since: expected 30m, 2h, 7d, a Unix time or an ISO time, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _format_ts(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_findings(args: argparse.Namespace) -> int:
+    paths = args.db or []
+    if not paths:
+        if args.config:
+            paths = [load_config(args.config).database]
+        else:
+            paths = ["modgud.db"]
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"modgud findings: no database at {path}", file=sys.stderr)
+            return 2
+    try:
+        rows = list(
+            query_findings(
+                paths, room=args.room, rule=args.rule, since=args.since, limit=args.limit
+            )
+        )
+    except ValueError as e:
+        print(f"modgud findings: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no findings")
+        return 0
+    header = ("time (UTC)", "action", "rule", "blamed", "room", "event", "detail")
+    table = [header] + [
+        (
+            _format_ts(r["ts"]),
+            r["action"],
+            r["rule"],
+            r["attributed_to"] or "-",
+            r["room_id"] or "-",
+            r["event_id"] or "-",
+            r["detail"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join(cells + [str(row[-1])]))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{config.path}: OK")
+    print(f"  server_name  {config.server_name}")
+    print(f"  mode         {config.mode.value} (on_error: {config.on_error})")
+    print(f"  inbound      {config.inbound} -> {config.upstream}")
+    print(f"  event hook   {config.hook or 'off'}")
+    print(f"  metrics      {config.metrics or 'off'}")
+    print(
+        f"  state from   {config.admin_api} (admin token {'set' if config.admin_token else 'MISSING'})"
+    )
+    print(f"  database     {config.database}")
+    if not config.admin_token:
+        print("  warning: without homeserver.access_token_file modgud cannot read room state")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modgud", description="Federation firewall and leak detector for Matrix homeservers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy (mitmproxy reverse mode) and the event hook")
+    run.add_argument("--config", "-c", required=True, help="modgud.yaml")
+    run.add_argument(
+        "mitmproxy_args", nargs=argparse.REMAINDER, help="extra mitmdump arguments after --"
+    )
+    run.set_defaults(func=cmd_run)
+
+    findings = sub.add_parser("findings", help="print recorded findings")
+    findings.add_argument(
+        "--db", action="append", help="findings database (repeat for several replicas)"
+    )
+    findings.add_argument("--config", "-c", help="take the database path from this config")
+    findings.add_argument("--room", help="only this room ID")
+    findings.add_argument("--rule", help="only this rule (or rule family, e.g. acl)")
+    findings.add_argument("--since", type=parse_since, help="30m, 2h, 7d, Unix or ISO time")
+    findings.add_argument("--limit", type=int, help="only the newest N")
+    findings.add_argument(
+        "--json", action="store_true", help="JSON lines: " + ", ".join(FINDING_COLUMNS)
+    )
+    findings.set_defaults(func=cmd_findings)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("config", help="modgud.yaml")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[:1] == ["--"]:
+        args.mitmproxy_args = args.mitmproxy_args[1:]
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"modgud: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

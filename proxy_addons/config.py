@@ -1,0 +1,283 @@
+"""modgud.yaml: loading and validation. Every error names the file, the key and the line."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from rules.servername import parse_server_name
+
+__all__ = ["Config", "ConfigError", "Listen", "Mode", "load_config"]
+
+
+class ConfigError(Exception):
+    """A config problem: `str()` is `file:line: key: message`."""
+
+    def __init__(self, path: str, key: str, line: int | None, message: str) -> None:
+        self.path, self.key, self.line, self.message = path, key, line, message
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class Mode(enum.StrEnum):
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    server_name: str
+    upstream: str
+    inbound: Listen
+    metrics: Listen | None
+    hook: Listen | None
+    hook_token: str | None = field(repr=False)
+    admin_api: str
+    admin_token: str | None = field(repr=False)
+    mode: Mode = Mode.ENFORCE
+    on_error: str = "open"
+    database: str = "modgud.db"
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    verify_signatures: bool = True
+    state_ttl_seconds: float = 300.0
+    state_timeout_seconds: float = 5.0
+    hook_state_timeout_seconds: float = 1.0
+    max_body_bytes: int = 12 * 1024 * 1024
+
+    @property
+    def fail_open(self) -> bool:
+        return self.on_error == "open"
+
+    @property
+    def enforcing(self) -> bool:
+        return self.mode is Mode.ENFORCE
+
+
+class _Node:
+    """A YAML mapping with the line of every key, for error messages."""
+
+    def __init__(
+        self, path: str, prefix: str, value: dict[str, Any], lines: dict[str, int], line: int
+    ) -> None:
+        self.path, self.prefix, self.value, self.lines, self.line = path, prefix, value, lines, line
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), self.lines.get(name, self.line), message)
+
+    def get(
+        self, name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
+    ) -> Any:
+        self.used.add(name)
+        if name not in self.value or self.value[name] is None:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        value = self.value[name]
+        if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+            expected = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise self.error(name, f"expected {expected}, got {type(value).__name__} {value!r}")
+        return value
+
+    def child(self, name: str, required: bool = False) -> _Node | None:
+        self.used.add(name)
+        raw = self.value.get(name)
+        if raw is None:
+            if required:
+                raise self.error(name, "is required")
+            return None
+        if not isinstance(raw, _Mapping):
+            raise self.error(name, f"expected a mapping, got {type(raw).__name__}")
+        return _Node(self.path, self.key(name) + ".", raw.data, raw.lines, raw.line)
+
+    def reject_unknown(self) -> None:
+        for name in self.value:
+            if name not in self.used:
+                raise self.error(name, "unknown key")
+
+
+class _Mapping:
+    def __init__(self, data: dict[str, Any], lines: dict[str, int], line: int) -> None:
+        self.data, self.lines, self.line = data, lines, line
+
+
+def _construct(node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        data: dict[str, Any] = {}
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            data[key] = _construct(value_node)
+            lines[key] = key_node.start_mark.line + 1
+        return _Mapping(data, lines, node.start_mark.line + 1)
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v) for v in node.value]
+    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()  # scalars, typed
+
+
+def _parse_listen(node: _Node, name: str, default: str | None) -> Listen | None:
+    text = node.get(name, str, default)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise node.error(name, f"expected host:port, got {text!r}")
+    return Listen(host.strip("[]"), int(port))
+
+
+def _parse_url(node: _Node, name: str, required: bool, default: str | None = None) -> str | None:
+    url = node.get(name, str, default, required=required)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise node.error(name, f"expected an http(s):// URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _read_token(node: _Node, name: str, base: Path) -> str | None:
+    path = node.get(name, str)
+    if path is None:
+        return None
+    full = (base / path).resolve()
+    try:
+        token = full.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise node.error(name, f"cannot read {full}: {e.strerror}") from None
+    if not token:
+        raise node.error(name, f"{full} is empty")
+    return token
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a config file; raises ConfigError naming file, key and line."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, "", None, f"cannot read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = _construct(root) if root is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(
+            path, "", mark.line + 1 if mark else None, f"not valid YAML: {e}"
+        ) from None
+    if not isinstance(tree, _Mapping):
+        raise ConfigError(path, "", 1, "expected a mapping at the top level")
+    base = Path(path).resolve().parent
+    top = _Node(path, "", tree.data, tree.lines, 1)
+
+    server_name = top.get("server_name", str, required=True)
+    if parse_server_name(server_name) is None:
+        raise top.error("server_name", f"not a valid server name: {server_name!r}")
+    upstream = _parse_url(top, "upstream", required=True)
+    assert upstream is not None
+
+    listen = top.child("listen")
+    if listen is None:
+        listen = _Node(path, "listen.", {}, {}, 1)
+    inbound = _parse_listen(listen, "inbound", "0.0.0.0:8448")
+    assert inbound is not None
+    metrics = _parse_listen(listen, "metrics", "127.0.0.1:9464")
+    if "outbound" in listen.value:
+        raise listen.error("outbound", "the outbound listener is not implemented yet")
+    listen.reject_unknown()
+
+    tls = top.child("tls")
+    cert = key = None
+    if tls is not None:
+        cert = tls.get("certificate", str, required=True)
+        key = tls.get("key", str, required=True)
+        for name, value in (("certificate", cert), ("key", key)):
+            if not (base / value).is_file():
+                raise tls.error(name, f"no such file: {base / value}")
+        cert, key = str(base / cert), str(base / key)
+        tls.reject_unknown()
+
+    mode_text = top.get("mode", str, "enforce")
+    if mode_text not in {m.value for m in Mode}:
+        raise top.error("mode", f"expected enforce or audit, got {mode_text!r}")
+    on_error = top.get("on_error", str, "open")
+    if on_error not in ("open", "closed"):
+        raise top.error("on_error", f"expected open or closed, got {on_error!r}")
+
+    hook_node = top.child("hook")
+    hook = hook_token = None
+    if hook_node is not None:
+        hook = _parse_listen(hook_node, "listen", "127.0.0.1:8099")
+        hook_token = _read_token(hook_node, "token_file", base)
+        hook_node.reject_unknown()
+
+    hs = top.child("homeserver")
+    admin_api = upstream
+    admin_token = None
+    if hs is not None:
+        admin_api = _parse_url(hs, "admin_api", required=False, default=upstream) or upstream
+        admin_token = _read_token(hs, "access_token_file", base)
+        hs.reject_unknown()
+
+    database = top.get("database", str, "modgud.db")
+    verify = top.get("verify_signatures", bool, True)
+    state = top.child("state")
+    ttl, timeout, hook_timeout = 300.0, 5.0, 1.0
+    if state is not None:
+        ttl = float(state.get("ttl_seconds", (int, float), ttl))
+        timeout = float(state.get("timeout_seconds", (int, float), timeout))
+        hook_timeout = float(state.get("hook_timeout_seconds", (int, float), hook_timeout))
+        for name, value in (
+            ("ttl_seconds", ttl),
+            ("timeout_seconds", timeout),
+            ("hook_timeout_seconds", hook_timeout),
+        ):
+            if value <= 0:
+                raise state.error(name, "must be positive")
+        state.reject_unknown()
+    max_body = top.get("max_body_bytes", int, 12 * 1024 * 1024)
+    if max_body < 65_536:
+        raise top.error("max_body_bytes", "must be at least 65536")
+    top.reject_unknown()
+
+    return Config(
+        path=path,
+        server_name=server_name,
+        upstream=upstream,
+        inbound=inbound,
+        metrics=metrics,
+        hook=hook,
+        hook_token=hook_token,
+        admin_api=admin_api,
+        admin_token=admin_token,
+        mode=Mode(mode_text),
+        on_error=on_error,
+        database=str(base / database),
+        tls_certificate=cert,
+        tls_key=key,
+        verify_signatures=verify,
+        state_ttl_seconds=ttl,
+        state_timeout_seconds=timeout,
+        hook_state_timeout_seconds=hook_timeout,
+        max_body_bytes=max_body,
+    )

@@ -1,0 +1,47 @@
+"""Loads modgud.yaml (mitmproxy option `modgud_config`) and builds the shared runtime."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import exceptions
+from mitmproxy.addonmanager import Loader
+
+from proxy_addons.config import ConfigError, load_config
+from proxy_addons.runtime import RuntimeHolder, build_runtime
+
+__all__ = ["Configurator"]
+
+logger = logging.getLogger(__name__)
+
+
+class Configurator:
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self.holder = holder
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("modgud_config", str, "", "Path of modgud's YAML config file.")
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        if "modgud_config" not in updated or not ctx.options.modgud_config:
+            return
+        if self.holder.runtime is not None:
+            raise exceptions.OptionsError("modgud_config cannot be changed while running")
+        try:
+            config = load_config(ctx.options.modgud_config)
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self.holder.runtime = build_runtime(config)
+        logger.info(
+            "modgud %s for %s, upstream %s, on_error %s",
+            config.mode.value,
+            config.server_name,
+            config.upstream,
+            config.on_error,
+        )
+
+    async def done(self) -> None:
+        if self.holder.runtime is not None:
+            await self.holder.runtime.aclose()

@@ -1,0 +1,379 @@
+"""The edge: checks inbound federation requests and refuses what the policy refuses.
+
+A forwarded request is never edited (the origin's X-Matrix signature covers the body), so
+in enforce mode a transaction whose every PDU and EDU is refused is answered locally in
+Synapse's own shape, any other transaction is forwarded untouched and the event hook
+refuses its refused events inside the homeserver, and room-data requests from a denied
+origin are answered 403 M_FORBIDDEN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+from rules.signatures import required_signers, verify_event_signatures
+from rules.xmatrix import verify_request_signature
+
+from proxy_addons.endpoints import EndpointClass
+from proxy_addons.flowinfo import FlowState, flow_state, json_response, request_body
+from proxy_addons.recording import record_findings
+from proxy_addons.runtime import Runtime, RuntimeHolder
+from proxy_addons.verdicts import EdgeVerdict
+from rules.checks import (
+    ItemVerdict,
+    StateUnavailable,
+    TransactionVerdict,
+    check_request_origin,
+    check_transaction,
+    rooms_of_transaction,
+    with_signature_check,
+)
+from rules.federation import Transaction, parse_json_body, parse_transaction
+from rules.findings import Confidence, Finding, Rule, Severity
+from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
+
+__all__ = ["Enforcer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _forbidden(flow: http.HTTPFlow, message: str) -> None:
+    json_response(flow, 403, {"errcode": "M_FORBIDDEN", "error": message})
+
+
+class Enforcer:
+    """Inbound federation requests: authenticate, check, enforce or audit, record."""
+
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self.holder = holder
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        runtime = self.holder.runtime
+        if runtime is None:
+            return
+        started = time.perf_counter()
+        state = flow_state(flow)
+        endpoint = state.endpoint
+        outcome = "forwarded"
+        try:
+            if endpoint.cls in (EndpointClass.SEND, EndpointClass.ROOM_DATA):
+                if not await self._authenticate(runtime, flow, state):
+                    outcome = "unauthenticated"
+                elif endpoint.cls is EndpointClass.SEND and flow.request.method == "PUT":
+                    outcome = await self._check_send(runtime, flow, state)
+                elif endpoint.cls is EndpointClass.ROOM_DATA:
+                    outcome = await self._check_room_data(runtime, flow, state)
+        except Exception:
+            outcome = self._internal_error(runtime, flow, "edge")
+        finally:
+            runtime.metrics.requests.labels("inbound", endpoint.cls.value, outcome).inc()
+            runtime.metrics.transaction_seconds.observe(time.perf_counter() - started)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        runtime = self.holder.runtime
+        state = flow.metadata.get("modgud")
+        if runtime is None or not isinstance(state, FlowState) or state.answered_locally:
+            return
+        if flow.response is not None and flow.response.status_code == 200:
+            # The homeserver has accepted the transaction: state it changed is refetched.
+            for room_id in state.stale_rooms:
+                runtime.mark_stale(room_id)
+
+    @staticmethod
+    def _internal_error(runtime: Runtime, flow: http.HTTPFlow, where: str) -> str:
+        logger.exception(
+            "internal error checking %s %s", flow.request.method, flow.request.path[:200]
+        )
+        runtime.metrics.internal_errors.labels(where).inc()
+        if runtime.config.fail_open or not runtime.config.enforcing:
+            runtime.metrics.fail_open.labels(where).inc()
+            return "fail_open"
+        json_response(
+            flow, 503, {"errcode": "M_UNKNOWN", "error": "modgud: internal error, retry later"}
+        )
+        return "error"
+
+    async def _authenticate(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> bool:
+        """Check the X-Matrix request signature, so nobody is blamed on a forged origin.
+
+        False when the request was answered locally (enforce) or must not be attributed.
+        """
+        auth = state.auth
+        config = runtime.config
+        if auth is None:
+            finding = Finding(
+                Rule.BAD_REQUEST_SIGNATURE,
+                Severity.WARNING,
+                f"{state.endpoint.name} request without a valid X-Matrix Authorization header",
+                confidence=Confidence.LOW,
+            )
+            self._record(runtime, state, [finding], rejected=config.enforcing)
+            if config.enforcing:
+                json_response(
+                    flow,
+                    401,
+                    {
+                        "errcode": "M_UNAUTHORIZED",
+                        "error": "Missing or invalid X-Matrix authorization",
+                    },
+                )
+                state.answered_locally = True
+            return False
+        if not config.verify_signatures:
+            return True
+        key = await runtime.keys.ensure(auth.origin, auth.key_id)
+        if key is None:
+            # Unverifiable: proceed without blaming anyone beyond what the request claims.
+            runtime.metrics.fail_open.labels("request_key").inc()
+            logger.warning(
+                "no key %s for %s; request signature not checked", auth.key_id, auth.origin
+            )
+            return True
+        body = request_body(flow)
+        content = None
+        if body:
+            content, reason = parse_json_body(body)
+            if reason is not None:
+                content = None
+        ok = verify_request_signature(
+            auth,
+            flow.request.method,
+            flow.request.path,
+            auth.destination or config.server_name,
+            content,
+            key.verify_key,
+        )
+        if ok:
+            state.origin_verified = True
+            return True
+        finding = Finding(
+            Rule.BAD_REQUEST_SIGNATURE,
+            Severity.HIGH,
+            f"X-Matrix signature claiming origin {auth.origin[:100]} does not verify",
+            confidence=Confidence.LOW,
+        )
+        self._record(runtime, state, [finding], rejected=config.enforcing)
+        if config.enforcing:
+            json_response(
+                flow, 401, {"errcode": "M_UNAUTHORIZED", "error": "Invalid X-Matrix signature"}
+            )
+            state.answered_locally = True
+        return False
+
+    async def _check_send(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> str:
+        config = runtime.config
+        assert state.auth is not None
+        origin = state.auth.origin
+        txn_id = state.endpoint.txn_id or ""
+        body = request_body(flow)
+        if len(body) > config.max_body_bytes:
+            finding = Finding(
+                Rule.MALFORMED_REQUEST,
+                Severity.WARNING,
+                f"transaction body of {len(body)} bytes is over the {config.max_body_bytes}-byte limit",
+                origin=origin,
+                attributed_to=origin,
+            )
+            return self._refuse_request(runtime, flow, state, finding, 413, "M_TOO_LARGE")
+        txn = parse_transaction(body, txn_id, origin)
+        if txn.error is not None:
+            return self._refuse_request(runtime, flow, state, txn.error, 400, "M_BAD_JSON")
+        rooms = await runtime.state.get_many(
+            rooms_of_transaction(txn), config.state_timeout_seconds
+        )
+        verdict = check_transaction(txn, rooms, fail_open=config.fail_open)
+        if config.verify_signatures:
+            verdict = await self._check_signatures(runtime, txn, rooms, verdict)
+        state.verdict = verdict
+        for pdu in txn.pdus:
+            if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key == "":
+                state.stale_rooms.add(pdu.room_id)
+        for item in verdict.pdus:
+            if item.event_id is None or any(
+                f.rule is Rule.STATE_UNAVAILABLE for f in item.findings
+            ):
+                continue
+            reason = "; ".join(f.detail for f in item.findings) or "allowed"
+            runtime.verdicts.put(
+                item.event_id, EdgeVerdict(item.decision, reason, origin, item.findings)
+            )
+        for item in verdict.pdus:
+            runtime.metrics.pdus.labels(
+                "inbound", _action(config.enforcing, item, verdict), _rule(item)
+            ).inc()
+        for item in verdict.edus:
+            runtime.metrics.edus.labels(
+                "inbound", _action(config.enforcing, item, verdict), _rule(item)
+            ).inc()
+        if config.enforcing and not config.fail_open and _state_missing(verdict):
+            # on_error: closed, and a room's state could not be had: nothing unverified
+            # passes, and a 5xx makes the sender retry the transaction later.
+            record_findings(
+                runtime,
+                _unavailable_findings(verdict),
+                action="rejected",
+                endpoint="send",
+                txn_id=txn_id,
+            )
+            json_response(
+                flow,
+                503,
+                {"errcode": "M_UNKNOWN", "error": "modgud: room state unavailable, retry later"},
+            )
+            state.answered_locally = True
+            return "unavailable"
+        answer_locally = config.enforcing and verdict.refused_all
+        for item in verdict.items:
+            if item.findings:
+                record_findings(
+                    runtime,
+                    item.findings,
+                    action=_action(config.enforcing, item, verdict),
+                    endpoint="send",
+                    txn_id=txn_id,
+                )
+        if verdict.findings:
+            record_findings(
+                runtime, verdict.findings, action="flagged", endpoint="send", txn_id=txn_id
+            )
+        if answer_locally:
+            # Synapse's /send answer: 200 with a per-PDU error for each refused event.
+            pdus = {
+                item.event_id: {"errcode": "M_FORBIDDEN", "error": _reason(item)}
+                for item in verdict.pdus
+                if item.event_id is not None
+            }
+            json_response(flow, 200, {"pdus": pdus})
+            state.answered_locally = True
+            logger.info("refused transaction %s from %s: every item refused", txn_id, origin)
+            return "refused"
+        return "mixed" if verdict.refused_any else "forwarded"
+
+    async def _check_signatures(
+        self,
+        runtime: Runtime,
+        txn: Transaction,
+        rooms: dict[str, RoomPolicy | None | StateUnavailable],
+        verdict: TransactionVerdict,
+    ) -> TransactionVerdict:
+        """Verify each PDU's signatures (spec: Server-Server API, "Checks performed on
+        receipt of a PDU"); a bad one is refused, a verified author raises confidence."""
+        by_index = {item.index: item for item in verdict.pdus}
+        checked: list[ItemVerdict] = []
+        for pdu in txn.pdus:
+            item = by_index[pdu.index]
+            policy = rooms.get(pdu.room_id)
+            if not isinstance(policy, RoomPolicy) or policy.room_version is None:
+                checked.append(item)
+                continue
+            signatures = pdu.event.get("signatures")
+            for server in required_signers(pdu.event, policy.room_version):
+                key_ids = signatures.get(server) if isinstance(signatures, dict) else None
+                if isinstance(key_ids, dict):
+                    for key_id in list(key_ids)[:4]:
+                        if isinstance(key_id, str) and key_id.startswith("ed25519:"):
+                            await runtime.keys.ensure(server, key_id)
+            result = verify_event_signatures(pdu.event, policy.room_version, runtime.keys.lookup)
+            checked.append(with_signature_check(item, pdu, txn.origin or "", result))
+        others = [item for item in verdict.pdus if item.index < 0]
+        return TransactionVerdict(tuple(checked + others), verdict.edus, verdict.findings)
+
+    async def _check_room_data(
+        self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState
+    ) -> str:
+        config = runtime.config
+        endpoint = state.endpoint
+        assert state.auth is not None and endpoint.room_id is not None
+        policy = await runtime.state.get(endpoint.room_id, config.state_timeout_seconds)
+        item = check_request_origin(
+            state.auth.origin, endpoint.room_id, policy, endpoint.name, fail_open=config.fail_open
+        )
+        if not item.findings:
+            return "forwarded"
+        refuse = item.refused and config.enforcing
+        if refuse and isinstance(policy, StateUnavailable):
+            record_findings(runtime, item.findings, action="rejected", endpoint=endpoint.name)
+            json_response(
+                flow,
+                503,
+                {"errcode": "M_UNKNOWN", "error": "modgud: room state unavailable, retry later"},
+            )
+            state.answered_locally = True
+            return "unavailable"
+        record_findings(
+            runtime,
+            item.findings,
+            action="rejected" if refuse else "flagged",
+            endpoint=endpoint.name,
+        )
+        if refuse:
+            _forbidden(flow, _reason(item))
+            state.answered_locally = True
+            return "refused"
+        return "forwarded"
+
+    def _refuse_request(
+        self,
+        runtime: Runtime,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        finding: Finding,
+        status: int,
+        errcode: str,
+    ) -> str:
+        enforcing = runtime.config.enforcing
+        self._record(runtime, state, [finding], rejected=enforcing)
+        if enforcing:
+            json_response(flow, status, {"errcode": errcode, "error": finding.detail})
+            state.answered_locally = True
+            return "refused"
+        return "forwarded"
+
+    @staticmethod
+    def _record(
+        runtime: Runtime, state: FlowState, findings: list[Finding], *, rejected: bool
+    ) -> None:
+        record_findings(
+            runtime,
+            findings,
+            action="rejected" if rejected else "flagged",
+            endpoint=state.endpoint.name,
+            txn_id=state.endpoint.txn_id,
+        )
+
+
+def _unavailable_findings(verdict: TransactionVerdict) -> list[Finding]:
+    return [f for f in verdict.all_findings() if f.rule is Rule.STATE_UNAVAILABLE]
+
+
+def _state_missing(verdict: TransactionVerdict) -> bool:
+    return bool(_unavailable_findings(verdict))
+
+
+def _reason(item: ItemVerdict) -> str:
+    return (
+        "; ".join(f.detail for f in item.findings if f.rule is not Rule.UNKNOWN_ROOM_VERSION)
+        or "refused"
+    )
+
+
+def _rule(item: ItemVerdict) -> str:
+    return str(item.findings[0].rule) if item.findings else "none"
+
+
+def _action(enforcing: bool, item: ItemVerdict, verdict: TransactionVerdict) -> str:
+    """What happens to an item: `allowed`; `rejected` (answered locally); `dropped` (the
+    event hook refuses it inside the homeserver); `flagged` (recorded, not refused here)."""
+    if not item.refused:
+        return "flagged" if item.findings else "allowed"
+    if not enforcing:
+        return "flagged"
+    if verdict.refused_all:
+        return "rejected"
+    if item.event_id is not None:
+        return "dropped"
+    return "flagged"

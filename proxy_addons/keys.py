@@ -1,0 +1,124 @@
+"""Server signing keys, fetched from the protected homeserver acting as notary
+(`POST /_matrix/key/v2/query`, spec: Server-Server API, "Querying Keys Through Another
+Server"), cached with their validity and single-flight per server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import aiohttp
+from signedjson.key import decode_verify_key_bytes
+from unpaddedbase64 import decode_base64
+
+from rules.signatures import ServerKey
+
+__all__ = ["KeyCache"]
+
+logger = logging.getLogger(__name__)
+
+
+class KeyCache:
+    """Keys by (server, key_id). A server's keys are refetched when a key is missing and
+    the last fetch is older than `refetch_after` seconds (a server may rotate its key)."""
+
+    def __init__(
+        self,
+        notary_url: str,
+        session: Callable[[], aiohttp.ClientSession],
+        *,
+        timeout: float = 5.0,
+        refetch_after: float = 60.0,
+        max_servers: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.notary_url = notary_url.rstrip("/")
+        self._session = session
+        self.timeout = timeout
+        self.refetch_after = refetch_after
+        self.max_servers = max_servers
+        self._clock = clock
+        self._keys: OrderedDict[str, tuple[float, dict[str, ServerKey]]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[dict[str, ServerKey]]] = {}
+        self.fetches = 0
+        self.errors = 0
+
+    def lookup(self, server_name: str, key_id: str) -> ServerKey | None:
+        """Synchronous lookup of what is cached (a `rules.signatures.KeyLookup`)."""
+        entry = self._keys.get(server_name)
+        return entry[1].get(key_id) if entry else None
+
+    async def ensure(self, server_name: str, key_id: str) -> ServerKey | None:
+        """The key, fetching the server's keys once if it is not cached."""
+        entry = self._keys.get(server_name)
+        if entry is not None:
+            key = entry[1].get(key_id)
+            if key is not None or self._clock() - entry[0] < self.refetch_after:
+                return key
+        future = self._inflight.get(server_name)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(server_name))
+            self._inflight[server_name] = future
+            future.add_done_callback(lambda f: self._done(server_name, f))
+        try:
+            keys = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            logger.warning("keys of %s unavailable: %s", server_name, e.__class__.__name__)
+            return None
+        return keys.get(key_id)
+
+    def _done(self, server_name: str, future: asyncio.Future[dict[str, ServerKey]]) -> None:
+        self._inflight.pop(server_name, None)
+        if not future.cancelled() and future.exception() is not None:
+            self.errors += 1
+
+    async def _fetch(self, server_name: str) -> dict[str, ServerKey]:
+        self.fetches += 1
+        url = f"{self.notary_url}/_matrix/key/v2/query"
+        body: dict[str, object] = {"server_keys": {server_name: {}}}
+        async with self._session().post(url, json=body) as resp:
+            if resp.status != 200:
+                raise ValueError(f"notary answered {resp.status}")
+            data = await resp.json(content_type=None)
+        keys = parse_server_keys(server_name, data)
+        self._keys[server_name] = (self._clock(), keys)
+        self._keys.move_to_end(server_name)
+        while len(self._keys) > self.max_servers:
+            self._keys.popitem(last=False)
+        return keys
+
+
+def parse_server_keys(server_name: str, data: object) -> dict[str, ServerKey]:
+    """Keys of `server_name` from a key query answer; malformed entries are skipped."""
+    out: dict[str, ServerKey] = {}
+    entries = data.get("server_keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("key answer has no server_keys list")
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("server_name") != server_name:
+            continue
+        valid_until = entry.get("valid_until_ts")
+        valid_until = valid_until if isinstance(valid_until, int) else None
+        for field, expiry_field in (("verify_keys", None), ("old_verify_keys", "expired_ts")):
+            keys = entry.get(field)
+            if not isinstance(keys, dict):
+                continue
+            for key_id, info in keys.items():
+                if not isinstance(info, dict) or not isinstance(info.get("key"), str):
+                    continue
+                algo, _, version = key_id.partition(":")
+                if algo != "ed25519" or not version:
+                    continue
+                try:
+                    verify_key = decode_verify_key_bytes(key_id, decode_base64(info["key"]))
+                except Exception:  # noqa: BLE001 - hostile key material is skipped
+                    continue
+                until = info.get(expiry_field) if expiry_field else valid_until
+                until = until if isinstance(until, int) else None
+                previous = out.get(key_id)
+                if previous is None or (previous.valid_until_ts or 0) < (until or 0):
+                    out[key_id] = ServerKey(server_name, key_id, verify_key, until)
+    return out

@@ -1,0 +1,94 @@
+"""The shared runtime of modgud's addons: built once from the config, torn down at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from proxy_addons.config import Config
+from proxy_addons.keys import KeyCache
+from proxy_addons.metrics import Metrics
+from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
+from proxy_addons.store import FindingStore
+from proxy_addons.verdicts import VerdictCache
+
+__all__ = ["Runtime", "RuntimeHolder", "build_runtime"]
+
+logger = logging.getLogger(__name__)
+
+# Delays after which a room is marked stale again once a relevant state event went by:
+# the hook sees a local event before the homeserver persists it, so one refetch right
+# away could still read the old state.
+RESTALE_DELAYS = (1.0, 5.0)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    metrics: Metrics
+    store: FindingStore
+    state: RoomStateCache
+    keys: KeyCache
+    verdicts: VerdictCache
+    _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.config.state_timeout_seconds)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        return self._session
+
+    def mark_stale(self, room_id: str) -> None:
+        """Refetch the room's state on its next lookup, now and again shortly after."""
+        self.state.mark_stale(room_id)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        for delay in RESTALE_DELAYS:
+            loop.call_later(delay, self.state.mark_stale, room_id)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self.store.close()
+
+
+def build_runtime(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    source: RoomStateSource | None = None,
+) -> Runtime:
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    holder: list[Runtime] = []
+
+    def session() -> aiohttp.ClientSession:
+        return holder[0].session()
+
+    state_source = source or SynapseAdminStateSource(config.admin_api, config.admin_token, session)
+    runtime = Runtime(
+        config=config,
+        metrics=metrics,
+        store=FindingStore(config.database),
+        state=RoomStateCache(
+            state_source, ttl=config.state_ttl_seconds, on_fetch=metrics.observe_state_fetch
+        ),
+        keys=KeyCache(config.upstream, session, timeout=config.state_timeout_seconds),
+        verdicts=VerdictCache(),
+    )
+    holder.append(runtime)
+    metrics.rooms_cached.set_function(lambda: len(runtime.state))
+    metrics.verdicts_cached.set_function(lambda: len(runtime.verdicts))
+    return runtime
+
+
+class RuntimeHolder:
+    """Passed to every addon at construction; the Configurator fills it in."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None

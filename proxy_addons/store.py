@@ -1,0 +1,207 @@
+"""Findings in SQLite (sqlite-utils), written in batches by one writer thread, WAL mode.
+
+The event loop never waits on the disk: `record()` only queues; the writer commits every
+`flush_interval` seconds or `batch_size` rows, and on `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+__all__ = ["FINDING_COLUMNS", "FindingRecord", "FindingStore", "query_findings"]
+
+logger = logging.getLogger(__name__)
+
+FINDING_COLUMNS = (
+    "ts",
+    "rule",
+    "action",
+    "severity",
+    "direction",
+    "room_id",
+    "event_id",
+    "event_type",
+    "sender",
+    "sender_server",
+    "origin",
+    "attributed_to",
+    "confidence",
+    "endpoint",
+    "txn_id",
+    "detail",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FindingRecord:
+    """A finding as stored: the rule's finding plus what was done and where."""
+
+    ts: float
+    rule: str
+    action: str  # dropped | flagged | rejected
+    severity: str
+    direction: str  # inbound | outbound
+    room_id: str | None
+    event_id: str | None
+    event_type: str | None
+    sender: str | None
+    sender_server: str | None
+    origin: str | None
+    attributed_to: str | None
+    confidence: str
+    endpoint: str
+    txn_id: str | None
+    detail: str
+
+    def as_row(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in FINDING_COLUMNS}
+
+
+def open_database(path: str) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    findings = db.table("findings")
+    if not findings.exists():
+        findings.create(
+            {
+                "id": int,
+                "ts": float,
+                **{c: str for c in FINDING_COLUMNS if c != "ts"},
+            },
+            pk="id",
+        )
+        findings.create_index(["ts"])
+        findings.create_index(["rule", "ts"])
+        findings.create_index(["room_id", "ts"])
+
+
+class FindingStore:
+    def __init__(self, path: str, *, batch_size: int = 200, flush_interval: float = 0.5) -> None:
+        self.path = path
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._queue: queue.Queue[FindingRecord | None] = queue.Queue()
+        self._flushed = threading.Condition()
+        self._pending = 0
+        self.write_errors = 0
+        db = open_database(path)
+        ensure_schema(db)
+        db.conn.close()
+        self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
+        self._thread.start()
+
+    def record(self, records: Iterable[FindingRecord]) -> None:
+        for record in records:
+            with self._flushed:
+                self._pending += 1
+            self._queue.put(record)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything recorded so far is committed."""
+        with self._flushed:
+            return self._flushed.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        db = open_database(self.path)
+        table = db.table("findings")
+        stop = False
+        while not stop:
+            batch: list[FindingRecord] = []
+            try:
+                item = self._queue.get(timeout=self.flush_interval)
+            except queue.Empty:
+                continue
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if batch:
+                self._write(db, table, batch)
+        db.conn.close()
+
+    def _write(self, db: sqlite_utils.Database, table: Any, batch: list[FindingRecord]) -> None:
+        for attempt in range(5):
+            try:
+                with db.conn:
+                    table.insert_all([r.as_row() for r in batch])
+                break
+            except sqlite3.OperationalError as e:  # locked, disk full: retry, then count
+                logger.warning(
+                    "writing %d findings failed (attempt %d): %s", len(batch), attempt + 1, e
+                )
+                threading.Event().wait(0.2 * (attempt + 1))
+        else:
+            self.write_errors += len(batch)
+            logger.error("dropped %d findings after repeated write failures", len(batch))
+        with self._flushed:
+            self._pending -= len(batch)
+            self._flushed.notify_all()
+
+
+def query_findings(
+    paths: Iterable[str],
+    *,
+    room: str | None = None,
+    rule: str | None = None,
+    since: float | None = None,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Findings from one or more databases (one per replica), oldest first."""
+    where: list[str] = []
+    params: list[Any] = []
+    if room:
+        where.append("room_id = ?")
+        params.append(room)
+    if rule:
+        where.append("(rule = ? OR rule LIKE ?)")
+        params.extend([rule, rule + ".%"])
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    # Only fixed column names are joined in; every value is a parameter.
+    sql = "SELECT " + ", ".join(FINDING_COLUMNS) + " FROM findings"  # noqa: S608
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts"
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows.extend(dict(r) for r in conn.execute(sql, params))
+        except sqlite3.OperationalError as e:
+            raise ValueError(f"{path}: {e}") from None
+        finally:
+            conn.close()
+    rows.sort(key=lambda r: r["ts"])
+    if limit is not None:
+        rows = rows[-limit:]
+    yield from rows
+
+
+def dumps_finding(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=False, ensure_ascii=False)

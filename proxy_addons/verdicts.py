@@ -1,0 +1,42 @@
+"""The edge's verdicts by event ID, kept for the event hook (bounded, oldest evicted)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from rules.findings import Decision, Finding
+
+__all__ = ["EdgeVerdict", "VerdictCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeVerdict:
+    decision: Decision
+    reason: str
+    origin: str
+    findings: tuple[Finding, ...] = ()
+
+
+class VerdictCache:
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, EdgeVerdict] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, event_id: str, verdict: EdgeVerdict) -> None:
+        """Remember a verdict; a refusal is never overwritten by a later allow (a permitted
+        server re-sending an event a denied one delivered does not launder it)."""
+        previous = self._entries.get(event_id)
+        if previous is not None and previous.decision is Decision.REFUSE:
+            self._entries.move_to_end(event_id)
+            return
+        self._entries[event_id] = verdict
+        self._entries.move_to_end(event_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def get(self, event_id: str) -> EdgeVerdict | None:
+        return self._entries.get(event_id)

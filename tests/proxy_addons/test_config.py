@@ -1,0 +1,114 @@
+"""modgud.yaml loading: good configs load, every bad one names file, key and line."""
+
+import pytest
+
+from proxy_addons.config import ConfigError, Mode, load_config
+
+MINIMAL = """\
+server_name: example.org
+upstream: http://127.0.0.1:8008
+"""
+
+
+def write(tmp_path, text, name="modgud.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_has_safe_defaults(tmp_path):
+    """Only server_name and upstream are required; metrics bind to loopback by default."""
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.server_name == "example.org"
+    assert config.mode is Mode.ENFORCE
+    assert config.fail_open
+    assert str(config.inbound) == "0.0.0.0:8448"
+    assert config.metrics is not None and config.metrics.host == "127.0.0.1"
+    assert config.hook is None
+    assert config.admin_api == "http://127.0.0.1:8008"
+    assert config.database == str(tmp_path / "modgud.db")
+
+
+def test_full_config_reads_tokens_from_files(tmp_path):
+    """Token files are read relative to the config file, and tokens never show in repr."""
+    (tmp_path / "hook.token").write_text("hook-secret\n")
+    (tmp_path / "admin.token").write_text("admin-secret")
+    text = MINIMAL + (
+        "mode: audit\non_error: closed\n"
+        "listen: {inbound: '127.0.0.1:8481', metrics: '127.0.0.1:9464'}\n"
+        "hook: {listen: '127.0.0.1:8099', token_file: hook.token}\n"
+        "homeserver: {admin_api: 'http://127.0.0.1:8081', access_token_file: admin.token}\n"
+        "database: data/m.db\nverify_signatures: false\n"
+        "state: {ttl_seconds: 60, timeout_seconds: 2, hook_timeout_seconds: 0.5}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.mode is Mode.AUDIT and not config.fail_open
+    assert config.hook_token == "hook-secret" and config.admin_token == "admin-secret"
+    assert "secret" not in repr(config)
+    assert config.state_ttl_seconds == 60 and config.hook_state_timeout_seconds == 0.5
+    assert config.admin_api == "http://127.0.0.1:8081"
+    assert not config.verify_signatures
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "message"),
+    [
+        ("upstream: http://x\n", "server_name", 1, "is required"),
+        (
+            "server_name: 'bad name'\nupstream: http://x\n",
+            "server_name",
+            1,
+            "not a valid server name",
+        ),
+        (MINIMAL + "mode: sink-ish\n", "mode", 3, "expected enforce or audit"),
+        (MINIMAL + "on_error: maybe\n", "on_error", 3, "expected open or closed"),
+        (MINIMAL + "listen:\n  inbound: 8448\n", "listen.inbound", 4, "expected str"),
+        (MINIMAL + "listen:\n  metrics: 'localhost:0'\n", "listen.metrics", 4, "host:port"),
+        (
+            MINIMAL + "listen:\n  outbound: '127.0.0.1:8449'\n",
+            "listen.outbound",
+            4,
+            "not implemented",
+        ),
+        (MINIMAL + "hook:\n  token_file: missing.token\n", "hook.token_file", 4, "cannot read"),
+        (MINIMAL + "verify_signatures: 'yes'\n", "verify_signatures", 3, "expected bool"),
+        (MINIMAL + "state:\n  ttl_seconds: -1\n", "state.ttl_seconds", 4, "must be positive"),
+        (MINIMAL + "colour: blue\n", "colour", 3, "unknown key"),
+        (MINIMAL + "hook: [1, 2]\n", "hook", 3, "expected a mapping"),
+        ("server_name: example.org\nupstream: ftp://x\n", "upstream", 2, "http(s)://"),
+        (MINIMAL + "max_body_bytes: 10\n", "max_body_bytes", 3, "at least"),
+    ],
+)
+def test_config_errors_name_file_key_and_line(tmp_path, text, key, line, message):
+    """Every config error carries the file, the dotted key and the line of that key."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert error.path == str(path)
+    assert error.key == key
+    assert error.line == line
+    assert message in error.message
+    assert str(error).startswith(f"{path}:{line}: {key}: ")
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    """A YAML syntax error is reported with its line, not as a traceback."""
+    path = write(tmp_path, MINIMAL + "listen: {inbound: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.line is not None and info.value.line >= 3
+    assert "not valid YAML" in info.value.message
+
+
+def test_missing_file(tmp_path):
+    """A missing config file is a ConfigError naming the path."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    """A config that is a list or scalar is refused clearly."""
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))

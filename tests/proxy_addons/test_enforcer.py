@@ -1,0 +1,207 @@
+"""The edge (Enforcer addon) with mitmproxy's taddons/tflow: what is answered locally,
+what is forwarded untouched, what the hook is told, and what is recorded."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy.test import taddons
+
+from proxy_addons.enforcer import Enforcer
+from proxy_addons.store import query_findings
+from rules.findings import Decision
+from tests.proxy_addons.conftest import (
+    KEYS,
+    OPEN_ROOM,
+    ROOM,
+    StaticStateSource,
+    get_flow,
+    pdu,
+    policy,
+    send_flow,
+)
+
+
+async def run(holder, flow):
+    enforcer = Enforcer(holder)
+    with taddons.context(enforcer):
+        await enforcer.request(flow)
+    return flow
+
+
+def findings(holder):
+    runtime = holder.runtime
+    assert runtime.store.flush(5)
+    return list(query_findings([runtime.config.database]))
+
+
+async def test_allowed_transaction_is_forwarded_untouched(make_runtime):
+    """All PDUs allowed: no local answer, body unchanged, no finding."""
+    holder = make_runtime()
+    flow = send_flow("good.test", [pdu("@a:good.test"), pdu("@b:good.test", body="x")])
+    before = flow.request.raw_content
+    await run(holder, flow)
+    assert flow.response is None
+    assert flow.request.raw_content == before
+    assert findings(holder) == []
+
+
+async def test_denied_origin_whole_transaction_answered_locally(make_runtime):
+    """Every PDU refused: answered locally in Synapse's per-PDU error shape, never forwarded."""
+    holder = make_runtime()
+    flow = send_flow("denied.test", [pdu("@a:denied.test"), pdu("@a:denied.test", body="2")])
+    await run(holder, flow)
+    assert flow.response is not None and flow.response.status_code == 200
+    answer = json.loads(flow.response.content)
+    assert len(answer["pdus"]) == 2
+    for result in answer["pdus"].values():
+        assert result["errcode"] == "M_FORBIDDEN"
+        assert "denied by the room's server ACL" in result["error"]
+    rows = findings(holder)
+    assert {(r["rule"], r["action"], r["attributed_to"]) for r in rows} == {
+        ("acl.origin", "rejected", "denied.test")
+    }
+    assert all(r["event_id"] in answer["pdus"] for r in rows)
+
+
+async def test_relayed_event_of_denied_server_is_left_to_the_hook(make_runtime):
+    """Mixed transaction: forwarded untouched; the relayed event's refusal waits for the hook."""
+    holder = make_runtime()
+    leaked = pdu("@evil:denied.test", body="leak")
+    flow = send_flow("relay.test", [pdu("@ok:relay.test"), leaked])
+    await run(holder, flow)
+    assert flow.response is None
+    rows = findings(holder)
+    assert [(r["rule"], r["action"], r["attributed_to"], r["sender_server"]) for r in rows] == [
+        ("acl.sender", "dropped", "relay.test", "denied.test")
+    ]
+    verdict = holder.runtime.verdicts.get(rows[0]["event_id"])
+    assert verdict is not None and verdict.decision is Decision.REFUSE
+
+
+async def test_audit_mode_never_answers(make_runtime):
+    """Audit: even a fully refused transaction is forwarded; findings are `flagged`."""
+    holder = make_runtime(mode="audit")
+    flow = send_flow("denied.test", [pdu("@a:denied.test")])
+    await run(holder, flow)
+    assert flow.response is None
+    assert [(r["rule"], r["action"]) for r in findings(holder)] == [("acl.origin", "flagged")]
+
+
+async def test_malformed_body_refused_in_enforce_forwarded_in_audit(make_runtime):
+    """Non-JSON bodies get a clear 400 in enforce and a finding; audit forwards them."""
+    for mode, status in (("enforce", 400), ("audit", None)):
+        holder = make_runtime(mode=mode)
+        flow = send_flow("good.test", raw_body=b"{not json")
+        await run(holder, flow)
+        assert (flow.response.status_code if flow.response else None) == status
+        assert [r["rule"] for r in findings(holder)] == ["malformed.request"]
+
+
+async def test_too_many_pdus_refused(make_runtime):
+    """51 PDUs is over the spec's limit: refused before any room is looked up."""
+    source = StaticStateSource({ROOM: policy()})
+    holder = make_runtime(source=source)
+    flow = send_flow("good.test", [pdu("@a:good.test", body=str(i)) for i in range(51)])
+    await run(holder, flow)
+    assert flow.response.status_code == 400
+    assert source.fetches == 0
+
+
+async def test_edu_impersonation_alone_is_refused(make_runtime):
+    """A typing EDU for another server's user is impersonation; alone, it is answered locally."""
+    holder = make_runtime()
+    edu = {
+        "edu_type": "m.typing",
+        "content": {"room_id": OPEN_ROOM, "user_id": "@v:good.test", "typing": True},
+    }
+    flow = send_flow("relay.test", edus=[edu])
+    await run(holder, flow)
+    assert flow.response is not None and flow.response.status_code == 200
+    assert [(r["rule"], r["attributed_to"]) for r in findings(holder)] == [
+        ("edu.impersonation", "relay.test")
+    ]
+
+
+async def test_typing_from_acl_denied_origin_refused(make_runtime):
+    """MSC4163: typing EDUs are subject to the room's ACL for the origin."""
+    holder = make_runtime()
+    edu = {
+        "edu_type": "m.typing",
+        "content": {"room_id": ROOM, "user_id": "@a:denied.test", "typing": True},
+    }
+    flow = send_flow("denied.test", edus=[edu])
+    await run(holder, flow)
+    assert flow.response is not None
+    assert [r["rule"] for r in findings(holder)] == ["acl.edu"]
+
+
+async def test_state_unavailable_open_forwards_and_counts(make_runtime):
+    """on_error open: the homeserver's state API down → forwarded, fail-open finding recorded."""
+    holder = make_runtime(source=StaticStateSource(fail=True))
+    flow = send_flow("denied.test", [pdu("@a:denied.test")])
+    await run(holder, flow)
+    assert flow.response is None
+    assert [r["rule"] for r in findings(holder)] == ["error.state_unavailable"]
+
+
+async def test_state_unavailable_closed_asks_sender_to_retry(make_runtime):
+    """on_error closed: nothing unverified passes; a 503 makes the sender resend later."""
+    holder = make_runtime(on_error="closed", source=StaticStateSource(fail=True))
+    flow = send_flow("good.test", [pdu("@a:good.test")])
+    await run(holder, flow)
+    assert flow.response is not None and flow.response.status_code == 503
+
+
+async def test_room_data_endpoint_denied_origin_gets_403(make_runtime):
+    """make_join from an ACL-denied origin: 403 M_FORBIDDEN, as the spec requires."""
+    holder = make_runtime()
+    path = "/_matrix/federation/v1/make_join/%21room%3Ahs.test/%40a%3Adenied.test"
+    flow = get_flow("denied.test", path)
+    await run(holder, flow)
+    assert flow.response.status_code == 403
+    assert json.loads(flow.response.content)["errcode"] == "M_FORBIDDEN"
+    allowed = get_flow("good.test", path.replace("denied", "good"))
+    await run(holder, allowed)
+    assert allowed.response is None
+
+
+async def test_internal_error_fails_open_or_closed(make_runtime):
+    """An unexpected exception is caught by modgud itself: open forwards, closed answers 503."""
+    for on_error, status in (("open", None), ("closed", 503)):
+        holder = make_runtime(on_error=on_error)
+        holder.runtime.state.get_many = None  # any call now raises TypeError inside the check
+        flow = send_flow("good.test", [pdu("@a:good.test")])
+        await run(holder, flow)
+        assert (flow.response.status_code if flow.response else None) == status
+        assert (
+            holder.runtime.metrics.registry.get_sample_value(
+                "modgud_internal_errors_total", {"where": "edge"}
+            )
+            == 1
+        )
+
+
+async def test_forged_request_signature_blames_nobody(make_runtime):
+    """A request claiming denied.test but signed with another key: 401, and the finding
+    blames no server (a forged origin cannot get another server blamed)."""
+    holder = make_runtime(verify_signatures=True)
+    runtime = holder.runtime
+    from signedjson.key import get_verify_key
+
+    from rules.signatures import ServerKey
+
+    real = KEYS["denied.test"]
+    key_id = f"ed25519:{real.version}"
+    runtime.keys._keys["denied.test"] = (
+        1e18,
+        {key_id: ServerKey("denied.test", key_id, get_verify_key(real), None)},
+    )
+    forged = send_flow("denied.test", [pdu("@a:denied.test")], key=KEYS["relay.test"])
+    await run(holder, forged)
+    assert forged.response.status_code == 401
+    rows = findings(holder)
+    assert [(r["rule"], r["attributed_to"]) for r in rows] == [("signature.request", None)]
+    genuine = send_flow("denied.test", [pdu("@a:denied.test")])
+    await run(holder, genuine)
+    assert genuine.response.status_code == 200  # answered locally: ACL refusal, now attributable
