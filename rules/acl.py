@@ -99,12 +99,17 @@ _NO_ACL = AclDecision(True, "no server ACL in the room")
 class ServerAcl:
     """A compiled m.room.server_acl content."""
 
-    __slots__ = ("_allow", "_deny", "allow_ip_literals")
+    __slots__ = ("_allow", "_cache", "_deny", "allow_ip_literals")
+
+    # Decisions are remembered per server name: a room sees few distinct servers, and a
+    # transaction asks about the same origin for every PDU.
+    CACHE_SIZE = 4096
 
     def __init__(self, allow: GlobSet, deny: GlobSet, allow_ip_literals: bool) -> None:
         self._allow = allow
         self._deny = deny
         self.allow_ip_literals = allow_ip_literals
+        self._cache: dict[str, AclDecision] = {}
 
     @classmethod
     def from_content(cls, content: object) -> ServerAcl:
@@ -127,6 +132,14 @@ class ServerAcl:
 
     def check(self, server_name: str) -> AclDecision:
         """Decide whether `server_name` (port allowed) may take part in the room."""
+        decision = self._cache.get(server_name)
+        if decision is None:
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            decision = self._cache[server_name] = self._decide(server_name)
+        return decision
+
+    def _decide(self, server_name: str) -> AclDecision:
         host = strip_port(server_name).lower()
         if not self.allow_ip_literals and is_ip_literal_host(host):
             return AclDecision(False, "IP literals are not allowed by the room's server ACL")

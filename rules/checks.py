@@ -117,6 +117,15 @@ def _unavailable(
     return ItemVerdict(index, decision, (finding,), event_id, room_id)
 
 
+def _event_id(pdu: Pdu, policy: RoomPolicy) -> str | None:
+    if policy.room_version is None:
+        return None
+    try:
+        return compute_event_id(pdu.event, policy.room_version)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
 def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> ItemVerdict:
     """Check one PDU delivered by `origin` against its room's policy."""
     policy = rooms.get(pdu.room_id)
@@ -149,22 +158,6 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
             confidence=confidence,
         )
 
-    if policy.room_version is None:
-        version = policy.room_version_id[:50]
-        findings.append(
-            finding(
-                Rule.UNKNOWN_ROOM_VERSION,
-                Severity.INFO,
-                f"room version {version!r} is unknown to modgud; event ID not computed",
-                Confidence.LOW,
-                attributed_to=None,
-            )
-        )
-    else:
-        try:
-            event_id = compute_event_id(pdu.event, policy.room_version)
-        except (ValueError, TypeError, RecursionError):
-            event_id = None
     origin_acl = check_server_acl(policy.acl, origin)
     if not origin_acl.allowed:
         findings.append(
@@ -181,6 +174,22 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
                 f"event written by {pdu.sender_server} ({sender_acl.reason}) relayed by {origin}"
             )
             findings.append(finding(Rule.ACL_SENDER, Severity.HIGH, detail, Confidence.MEDIUM))
+    if not findings:
+        # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
+        return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
+    event_id = _event_id(pdu, policy)
+    if event_id is None and policy.room_version is None:
+        version = policy.room_version_id[:50]
+        findings.append(
+            finding(
+                Rule.UNKNOWN_ROOM_VERSION,
+                Severity.INFO,
+                f"room version {version!r} is unknown to modgud; event ID not computed",
+                Confidence.LOW,
+                attributed_to=None,
+            )
+        )
+    findings = [replace(f, event_id=event_id) for f in findings]
     refuse = any(f.rule in (Rule.ACL_ORIGIN, Rule.ACL_SENDER) for f in findings)
     return ItemVerdict(
         pdu.index,

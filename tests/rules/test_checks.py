@@ -71,7 +71,7 @@ def make_pdu(sender):
             {ROOM: RoomPolicy(ROOM, "99", None, None)},
             True,
             Decision.ALLOW,
-            [Rule.UNKNOWN_ROOM_VERSION],
+            [],
         ),
         (
             "good.test",
@@ -79,7 +79,7 @@ def make_pdu(sender):
             {ROOM: RoomPolicy(ROOM, "99", None, POLICY.acl)},
             True,
             Decision.REFUSE,
-            [Rule.UNKNOWN_ROOM_VERSION, Rule.ACL_SENDER],
+            [Rule.ACL_SENDER, Rule.UNKNOWN_ROOM_VERSION],
         ),
     ],
 )
