@@ -9,6 +9,7 @@ IPv6address = 2*45IPv6char  ; IPv6char = DIGIT / %x41-46 / %x61-66 / ":" / "."
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ def parse_server_name(name: object) -> ServerName | None:
     """Parse and validate a server name; None when it is not one."""
     if not isinstance(name, str) or not name or len(name) > 255 + 6:
         return None
+    return _parse(name)
+
+
+@functools.lru_cache(maxsize=8192)  # a few servers account for most traffic
+def _parse(name: str) -> ServerName | None:
     host, port_text = _split_port(name)
     port: int | None = None
     if port_text is not None:
