@@ -1,0 +1,436 @@
+"""Real Synapse homeservers as subprocesses, for end-to-end tests and the demo.
+
+Runs Synapse from its own virtualenv (MODGUD_SYNAPSE_PYTHON, else .venv-synapse); never
+imports synapse. Everything here is synchronous and talks to Synapse over loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import yaml
+from signedjson.key import read_signing_keys
+
+__all__ = [
+    "ClientApi",
+    "ClientError",
+    "SynapseHomeserver",
+    "free_port",
+    "read_signing_key",
+    "synapse_python",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+_RATE = {"per_second": 10000, "burst_count": 100000}
+RATE_LIMITS: dict[str, Any] = {
+    "rc_message": _RATE,
+    "rc_registration": _RATE,
+    "rc_login": {"address": _RATE, "account": _RATE, "failed_attempts": _RATE},
+    "rc_admin_redaction": _RATE,
+    "rc_joins": {"local": _RATE, "remote": _RATE},
+    "rc_joins_per_room": _RATE,
+    "rc_invites": {"per_room": _RATE, "per_user": _RATE, "per_sender": _RATE},
+    "rc_3pid_validation": _RATE,
+    "rc_federation": {
+        "window_size": 1000,
+        "sleep_limit": 1000,
+        "sleep_delay": 0,
+        "reject_limit": 10000,
+        "concurrent": 100,
+    },
+    "rc_presence": {"per_user": _RATE},
+    "rc_room_creation": _RATE,
+    "rc_reports": _RATE,
+    "rc_delayed_event_mgmt": _RATE,
+}
+
+
+def synapse_python() -> str:
+    return os.environ.get("MODGUD_SYNAPSE_PYTHON") or str(REPO / ".venv-synapse" / "bin" / "python")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_signing_key(path: Path) -> Any:
+    with open(path) as f:
+        return read_signing_keys(f)[0]
+
+
+def _self_signed(workdir: Path) -> tuple[Path, Path]:
+    cert, key = workdir / "tls.crt", workdir / "tls.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "30",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, body: str, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+def _request(method: str, url: str, body: object | None = None, token: str | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        raise ClientError(e.code, e.read().decode(errors="replace"), f"{method} {url}") from None
+    return json.loads(raw) if raw else None
+
+
+def wait_for[T](predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.25) -> T | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except ClientError:
+            value = None  # type: ignore[assignment]
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+
+
+class SynapseHomeserver:
+    def __init__(
+        self,
+        workdir: Path,
+        server_name: str,
+        *,
+        http_port: int,
+        tls_port: int | None = None,
+        modules: list[dict[str, Any]] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.server_name = server_name
+        self.http_port = http_port
+        self.tls_port = tls_port
+        self.modules = modules or []
+        self.extra_config = extra_config or {}
+        self.shared_secret = secrets.token_hex(16)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.workdir / f"{self.server_name}.signing.key"
+
+    def _configure(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                synapse_python(),
+                "-m",
+                "synapse.app.homeserver",
+                "--server-name",
+                self.server_name,
+                "--config-path",
+                "hs.yaml",
+                "--generate-config",
+                "--report-stats=no",
+            ],
+            cwd=self.workdir,
+            check=True,
+            capture_output=True,
+        )
+        config = yaml.safe_load((self.workdir / "hs.yaml").read_text())
+        listeners: list[dict[str, Any]] = [
+            {
+                "port": self.http_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": False,
+                "resources": [{"names": ["client", "federation"], "compress": False}],
+            }
+        ]
+        if self.tls_port is not None:
+            cert, key = _self_signed(self.workdir)
+            listeners.append(
+                {
+                    "port": self.tls_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": True,
+                    "resources": [{"names": ["federation"], "compress": False}],
+                }
+            )
+            config["tls_certificate_path"] = str(cert)
+            config["tls_private_key_path"] = str(key)
+        log_config = self.workdir / "log.yaml"
+        log_config.write_text(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "formatters": {
+                        "precise": {
+                            "format": "%(asctime)s - %(name)s - %(levelname)s - %(request)s - %(message)s"
+                        }
+                    },
+                    "handlers": {
+                        "file": {
+                            "class": "logging.FileHandler",
+                            "formatter": "precise",
+                            "filename": str(self.workdir / "homeserver.log"),
+                        }
+                    },
+                    "root": {"level": "INFO", "handlers": ["file"]},
+                    "disable_existing_loggers": False,
+                }
+            )
+        )
+        config.update(
+            {
+                "database": {
+                    "name": "sqlite3",
+                    "args": {"database": str(self.workdir / "homeserver.db")},
+                },
+                "listeners": listeners,
+                "log_config": str(log_config),
+                "federation_verify_certificates": False,
+                "federation_ip_range_blacklist": [],
+                "ip_range_whitelist": ["127.0.0.0/8"],
+                "trusted_key_servers": [],
+                "suppress_key_server_warning": True,
+                "registration_shared_secret": self.shared_secret,
+                "enable_registration": False,
+                "report_stats": False,
+                "presence": {"enabled": True},
+                "enable_metrics": False,
+                "modules": self.modules,
+                **RATE_LIMITS,
+            }
+        )
+        config.update(self.extra_config)
+        (self.workdir / "hs.yaml").write_text(yaml.safe_dump(config))
+
+    def start(self, timeout: float = 90.0) -> None:
+        self._configure()
+        out = open(self.workdir / "stdout.log", "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [synapse_python(), "-m", "synapse.app.homeserver", "-c", "hs.yaml"],
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Synapse {self.server_name} exited:\n{self.log_tail()}")
+            try:
+                _request("GET", f"{self.base_url}/_matrix/client/versions")
+                return
+            except (OSError, ClientError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"Synapse {self.server_name} did not start in {timeout} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def __enter__(self) -> SynapseHomeserver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 40) -> str:
+        parts = []
+        for name in ("homeserver.log", "stdout.log"):
+            path = self.workdir / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-n:]
+                parts.append(f"--- {name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def register_user(self, localpart: str, admin: bool = False) -> tuple[str, str]:
+        url = f"{self.base_url}/_synapse/admin/v1/register"
+        nonce = _request("GET", url)["nonce"]
+        password = secrets.token_hex(8)
+        mac = hmac.new(self.shared_secret.encode(), digestmod=hashlib.sha1)
+        mac.update(
+            b"\x00".join(
+                [
+                    nonce.encode(),
+                    localpart.encode(),
+                    password.encode(),
+                    b"admin" if admin else b"notadmin",
+                ]
+            )
+        )
+        body = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
+        result = _request("POST", url, body)
+        return result["user_id"], result["access_token"]
+
+
+class ClientApi:
+    """A few Client-Server API calls, enough for tests and the demo."""
+
+    def __init__(self, base_url: str, access_token: str) -> None:
+        self.base_url = base_url
+        self.token = access_token
+
+    def _call(self, method: str, path: str, body: object | None = None) -> Any:
+        return _request(method, f"{self.base_url}/_matrix/client/v3{path}", body, self.token)
+
+    def create_room(
+        self,
+        room_version: str | None = None,
+        preset: str = "public_chat",
+        name: str | None = None,
+        initial_state: list[Any] | None = None,
+    ) -> str:
+        body: dict[str, Any] = {"preset": preset}
+        if room_version:
+            body["room_version"] = room_version
+        if name:
+            body["name"] = name
+        if initial_state:
+            body["initial_state"] = initial_state
+        return str(self._call("POST", "/createRoom", body)["room_id"])
+
+    def join(self, room_id: str, via: list[str] | None = None) -> str:
+        query = "".join(
+            f"{'&' if i else '?'}server_name={quote(s, safe='')}" for i, s in enumerate(via or [])
+        )
+        return str(self._call("POST", f"/join/{quote(room_id, safe='')}{query}", {})["room_id"])
+
+    def send_message(self, room_id: str, body: str) -> str:
+        txn = secrets.token_hex(8)
+        content = {"msgtype": "m.text", "body": body}
+        return str(
+            self._call(
+                "PUT", f"/rooms/{quote(room_id, safe='')}/send/m.room.message/{txn}", content
+            )["event_id"]
+        )
+
+    def redact(self, room_id: str, event_id: str, reason: str | None = None) -> str:
+        txn = secrets.token_hex(8)
+        body = {"reason": reason} if reason else {}
+        path = f"/rooms/{quote(room_id, safe='')}/redact/{quote(event_id, safe='')}/{txn}"
+        return str(self._call("PUT", path, body)["event_id"])
+
+    def send_state(
+        self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
+    ) -> str:
+        path = f"/rooms/{quote(room_id, safe='')}/state/{quote(event_type, safe='')}/{quote(state_key, safe='')}"
+        return str(self._call("PUT", path, content)["event_id"])
+
+    def get_state(
+        self, room_id: str, event_type: str, state_key: str = ""
+    ) -> dict[str, Any] | None:
+        path = f"/rooms/{quote(room_id, safe='')}/state/{quote(event_type, safe='')}/{quote(state_key, safe='')}"
+        try:
+            return self._call("GET", path)  # type: ignore[no-any-return]
+        except ClientError as e:
+            if e.status in (403, 404):
+                return None
+            raise
+
+    def room_state(self, room_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/rooms/{quote(room_id, safe='')}/state")  # type: ignore[no-any-return]
+
+    def messages(self, room_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        result = self._call("GET", f"/rooms/{quote(room_id, safe='')}/messages?dir=b&limit={limit}")
+        return list(result.get("chunk", []))
+
+    def joined_members(self, room_id: str) -> list[str]:
+        result = self._call("GET", f"/rooms/{quote(room_id, safe='')}/joined_members")
+        return list(result.get("joined", {}))
+
+    def typing(self, room_id: str, user_id: str, typing: bool = True) -> None:
+        path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(user_id, safe='')}"
+        self._call(
+            "PUT", path, {"typing": typing, "timeout": 30000} if typing else {"typing": False}
+        )
+
+    def receipt(self, room_id: str, event_id: str) -> None:
+        self._call(
+            "POST",
+            f"/rooms/{quote(room_id, safe='')}/receipt/m.read/{quote(event_id, safe='')}",
+            {},
+        )
+
+    def wait_for(
+        self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.25
+    ) -> T | None:
+        return wait_for(predicate, timeout, interval)
+
+    def wait_for_message(
+        self, room_id: str, body: str, timeout: float = 30.0
+    ) -> dict[str, Any] | None:
+        def find() -> dict[str, Any] | None:
+            for event in self.messages(room_id):
+                if (
+                    event.get("type") == "m.room.message"
+                    and event.get("content", {}).get("body") == body
+                ):
+                    return event
+            return None
+
+        return wait_for(find, timeout)
