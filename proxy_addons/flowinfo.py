@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 
 from mitmproxy import http
-from rules.xmatrix import XMatrixAuth, parse_xmatrix
 
 from proxy_addons.endpoints import Endpoint, classify_path
 from rules.checks import TransactionVerdict
+from rules.xmatrix import XMatrixAuth, parse_xmatrix
 
 __all__ = ["FlowState", "flow_state", "json_response", "request_auth", "request_body"]
 

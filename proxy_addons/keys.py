@@ -60,7 +60,7 @@ class KeyCache:
                 return key
         future = self._inflight.get(server_name)
         if future is None:
-            future = asyncio.ensure_future(self._fetch(server_name))
+            future = asyncio.ensure_future(self._fetch(server_name, key_id))
             self._inflight[server_name] = future
             future.add_done_callback(lambda f: self._done(server_name, f))
         try:
@@ -75,10 +75,15 @@ class KeyCache:
         if not future.cancelled() and future.exception() is not None:
             self.errors += 1
 
-    async def _fetch(self, server_name: str) -> dict[str, ServerKey]:
+    async def _fetch(self, server_name: str, key_id: str) -> dict[str, ServerKey]:
         self.fetches += 1
         url = f"{self.notary_url}/_matrix/key/v2/query"
-        body: dict[str, object] = {"server_keys": {server_name: {}}}
+        # Name the key (Synapse requires minimum_valid_until_ts): asked for "all keys",
+        # Synapse's notary answers only from its cache
+        # and never fetches (synapse/rest/key/v2/remote_key_resource.py).
+        body: dict[str, object] = {
+            "server_keys": {server_name: {key_id: {"minimum_valid_until_ts": 0}}}
+        }
         async with self._session().post(url, json=body) as resp:
             if resp.status != 200:
                 raise ValueError(f"notary answered {resp.status}")

@@ -122,7 +122,9 @@ def _request(method: str, url: str, body: object | None = None, token: str | Non
     return json.loads(raw) if raw else None
 
 
-def wait_for[T](predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.25) -> T | None:
+def wait_for[T](
+    predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.25
+) -> T | None:
     deadline = time.monotonic() + timeout
     while True:
         try:

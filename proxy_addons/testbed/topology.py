@@ -1,0 +1,292 @@
+"""A small federation on loopback: hs1 behind modgud, hs2 and hs3 direct.
+
+    hs2 (127.0.0.1:P2) ─┐
+                         ├─ TLS ─> modgud (localhost:P1) ─ plain HTTP ─> hs1
+    hs3 (localhost:P3) ─┘                 ▲ event hook (synapse-http-antispam)
+
+hs2's name is an IP literal and hs1/hs3's are `localhost`, so an ACL that denies
+`127.0.0.1` tells them apart (ACLs ignore ports). Used by the end-to-end tests and the demo;
+`modgud run` never loads this.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from proxy_addons.store import query_findings
+from proxy_addons.testbed.homeserver import (
+    ClientApi,
+    SynapseHomeserver,
+    free_port,
+    read_signing_key,
+)
+from rules.eventhash import compute_event_id
+from rules.roomversion import get_room_version
+from rules.signatures import sign_event
+from rules.xmatrix import sign_request
+
+__all__ = ["Topology"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+class Topology:
+    def __init__(self, workdir: Path, *, mode: str = "enforce", on_error: str = "open") -> None:
+        self.workdir = Path(workdir)
+        self.mode = mode
+        self.on_error = on_error
+        self.modgud_port = free_port()
+        self.hook_port = free_port()
+        self.metrics_port = free_port()
+        self.hook_token = secrets.token_hex(16)
+        hs2_tls, hs3_tls = free_port(), free_port()
+        antispam = {
+            "module": "synapse_http_antispam.HTTPAntispam",
+            "config": {
+                "base_url": f"http://127.0.0.1:{self.hook_port}",
+                "authorization": self.hook_token,
+                "enabled_callbacks": ["check_event_for_spam"],
+                # Fail closed in tests: a broken hook must show, not silently allow.
+                "fail_open": {"check_event_for_spam": False},
+            },
+        }
+        self.hs1 = SynapseHomeserver(
+            self.workdir / "hs1",
+            f"localhost:{self.modgud_port}",
+            http_port=free_port(),
+            modules=[antispam],
+        )
+        self.hs2 = SynapseHomeserver(
+            self.workdir / "hs2", f"127.0.0.1:{hs2_tls}", http_port=free_port(), tls_port=hs2_tls
+        )
+        self.hs3 = SynapseHomeserver(
+            self.workdir / "hs3", f"localhost:{hs3_tls}", http_port=free_port(), tls_port=hs3_tls
+        )
+        self.modgud: subprocess.Popen[bytes] | None = None
+        self.config_path = self.workdir / "modgud.yaml"
+        self.database = self.workdir / "modgud.db"
+        self.alice: ClientApi
+        self.bob: ClientApi
+        self.carol: ClientApi
+        self.users: dict[str, str] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> Topology:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        errors: list[BaseException] = []
+
+        def start(hs: SynapseHomeserver) -> None:
+            try:
+                hs.start()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [
+            threading.Thread(target=start, args=(hs,)) for hs in (self.hs1, self.hs2, self.hs3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+        alice_id, alice_token = self.hs1.register_user("alice", admin=True)
+        (self.workdir / "admin.token").write_text(alice_token)
+        (self.workdir / "hook.token").write_text(self.hook_token)
+        self._start_modgud()
+        for name, hs in (("bob", self.hs2), ("carol", self.hs3)):
+            user_id, token = hs.register_user(name)
+            self.users[name] = user_id
+            setattr(self, name, ClientApi(hs.base_url, token))
+        self.users["alice"] = alice_id
+        self.alice = ClientApi(self.hs1.base_url, alice_token)
+        return self
+
+    def _start_modgud(self) -> None:
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f"server_name: {self.hs1.server_name}",
+                    f"upstream: {self.hs1.base_url}",
+                    "listen:",
+                    f"  inbound: 127.0.0.1:{self.modgud_port}",
+                    f"  metrics: 127.0.0.1:{self.metrics_port}",
+                    f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
+                    "homeserver: {access_token_file: admin.token}",
+                    f"mode: {self.mode}",
+                    f"on_error: {self.on_error}",
+                    f"database: {self.database}",
+                    "state: {ttl_seconds: 30}",
+                    "",
+                ]
+            )
+        )
+        log = open(self.workdir / "modgud.log", "wb")  # noqa: SIM115 - closed with the process
+        modgud = Path(sys.executable).with_name("modgud")
+        self.modgud = subprocess.Popen(
+            [str(modgud), "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        if not (_wait_port(self.hook_port, 30) and _wait_port(self.modgud_port, 30)):
+            self.stop()
+            raise RuntimeError("modgud did not start:\n" + self.modgud_log())
+
+    def modgud_log(self) -> str:
+        path = self.workdir / "modgud.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.modgud is not None and self.modgud.poll() is None:
+            self.modgud.terminate()
+            try:
+                self.modgud.wait(15)
+            except subprocess.TimeoutExpired:
+                self.modgud.kill()
+        for hs in (self.hs3, self.hs2, self.hs1):
+            try:
+                hs.stop()
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass
+
+    def __enter__(self) -> Topology:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- observations ----------------------------------------------------------------
+
+    def findings(self, **filters: Any) -> list[dict[str, Any]]:
+        if not self.database.exists():
+            return []
+        return list(query_findings([str(self.database)], **filters))
+
+    def wait_for_findings(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 20, **filters: Any
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.findings(**filters)
+            if predicate(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.25)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            return str(r.read().decode())
+
+    # -- crafted federation traffic ------------------------------------------------------
+
+    def hs1_event(self, event_id: str) -> dict[str, Any] | None:
+        """Depth and the like from hs1's own database (a test's view of the truth)."""
+        db = sqlite3.connect(f"file:{self.hs1.workdir / 'homeserver.db'}?mode=ro", uri=True)
+        try:
+            row = db.execute(
+                "SELECT e.depth, j.json FROM events e JOIN event_json j USING (event_id) WHERE e.event_id = ?",
+                (event_id,),
+            ).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            return None
+        event: dict[str, Any] = json.loads(row[1])
+        event["depth"] = row[0]
+        return event
+
+    def craft_message(
+        self, room_id: str, room_version: str, author: SynapseHomeserver, user_id: str, body: str
+    ) -> tuple[str, dict[str, Any]]:
+        """A correctly hashed and signed message by `user_id`, built on hs1's latest event."""
+        state = {
+            (e["type"], e.get("state_key")): e["event_id"] for e in self.alice.room_state(room_id)
+        }
+        latest = self.alice.messages(room_id, limit=1)[0]["event_id"]
+        depth = int((self.hs1_event(latest) or {}).get("depth", 1)) + 1
+        auth = [state[("m.room.power_levels", "")], state[("m.room.member", user_id)]]
+        if room_version != "12":
+            auth.insert(0, state[("m.room.create", "")])
+        event = {
+            "room_id": room_id,
+            "sender": user_id,
+            "type": "m.room.message",
+            "content": {"msgtype": "m.text", "body": body},
+            "origin_server_ts": int(time.time() * 1000),
+            "depth": depth,
+            "prev_events": [latest],
+            "auth_events": auth,
+        }
+        rv = get_room_version(room_version)
+        assert rv is not None
+        signed = sign_event(
+            event, rv, author.server_name, read_signing_key(author.signing_key_path)
+        )
+        event_id = compute_event_id(signed, rv)
+        assert event_id is not None
+        return event_id, signed
+
+    def send_transaction(
+        self,
+        origin: SynapseHomeserver,
+        pdus: list[dict[str, Any]],
+        edus: list[dict[str, Any]] | None = None,
+    ) -> tuple[int, Any]:
+        """PUT /send to hs1 through modgud, signed as `origin` (with its real key)."""
+        txn_id = "t" + secrets.token_hex(6)
+        path = f"/_matrix/federation/v1/send/{txn_id}"
+        content = {
+            "origin": origin.server_name,
+            "origin_server_ts": int(time.time() * 1000),
+            "pdus": pdus,
+            "edus": edus or [],
+        }
+        auth = sign_request(
+            "PUT",
+            path,
+            origin.server_name,
+            self.hs1.server_name,
+            content,
+            read_signing_key(origin.signing_key_path),
+        )
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{self.modgud_port}{path}",
+            data=json.dumps(content).encode(),
+            method="PUT",
+            headers={"Authorization": auth, "Content-Type": "application/json"},
+        )
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # mitmproxy's generated certificate, on loopback
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")

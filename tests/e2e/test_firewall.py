@@ -1,0 +1,140 @@
+"""modgud in front of a real Synapse (hs1), with real Synapse peers hs2 and hs3.
+
+hs2 (127.0.0.1:*) is the server the rooms' ACLs deny; hs3 (localhost:*) stays allowed and
+plays the relay. Synapse 1.163 checks ACLs only against the delivering server, so an event
+written by hs2 and relayed by hs3 is shown to hs1's users unless modgud stops it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+VERSIONS = ["10", "12"]
+DENY_HS2 = {"allow": ["*"], "deny": ["127.0.0.1"]}
+
+
+def shared_room(topo, version, *, with_carol=False):
+    """A public room on hs1 that bob (hs2), and optionally carol (hs3), have joined."""
+    room_id = topo.alice.create_room(room_version=version)
+    topo.bob.join(room_id, via=[topo.hs1.server_name])
+    assert topo.alice.wait_for(lambda: topo.users["bob"] in topo.alice.joined_members(room_id))
+    if with_carol:
+        topo.carol.join(room_id, via=[topo.hs1.server_name])
+        assert topo.alice.wait_for(
+            lambda: topo.users["carol"] in topo.alice.joined_members(room_id)
+        )
+    return room_id
+
+
+def bodies(api, room_id):
+    return [
+        e["content"].get("body") for e in api.messages(room_id) if e["type"] == "m.room.message"
+    ]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_benign_federation_passes_with_zero_findings(enforce_topology, version):
+    """Messages both ways, typing and receipts through modgud: everything arrives and
+    modgud records nothing (no false positives)."""
+    topo = enforce_topology
+    room_id = shared_room(topo, version)
+    topo.bob.send_message(room_id, f"hello from bob v{version}")
+    assert topo.alice.wait_for_message(room_id, f"hello from bob v{version}")
+    event_id = topo.alice.send_message(room_id, f"hello from alice v{version}")
+    assert topo.bob.wait_for_message(room_id, f"hello from alice v{version}")
+    topo.bob.typing(room_id, topo.users["bob"], True)
+    topo.bob.receipt(room_id, event_id)
+    topo.bob.send_message(room_id, "last")
+    assert topo.alice.wait_for_message(room_id, "last")
+    time.sleep(1)  # let the store flush
+    assert topo.findings(room=room_id) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_acl_denied_server_is_refused_and_recorded(enforce_topology, version):
+    """After hs1's admin denies hs2, hs2's next message is refused by modgud (at the edge
+    or by the hook) with a finding naming hs2, and hs1's users never see it."""
+    topo = enforce_topology
+    room_id = shared_room(topo, version)
+    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    assert topo.bob.wait_for(lambda: topo.bob.get_state(room_id, "m.room.server_acl"))
+    topo.bob.send_message(room_id, "after the ACL")
+    rows = topo.wait_for_findings(lambda r: any(f["rule"] == "acl.origin" for f in r), room=room_id)
+    refused = [f for f in rows if f["rule"] == "acl.origin"]
+    assert refused, topo.modgud_log()
+    assert refused[0]["attributed_to"] == topo.hs2.server_name
+    assert refused[0]["action"] in ("rejected", "dropped")
+    assert refused[0]["event_id"]
+    time.sleep(2)
+    assert "after the ACL" not in bodies(topo.alice, room_id)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_relayed_event_of_denied_server_is_hidden_by_the_hook(enforce_topology, version):
+    """hs3 (allowed) relays an event written by hs2 (denied) next to an allowed EDU: the
+    transaction is forwarded untouched, and the event hook makes Synapse drop the event."""
+    topo = enforce_topology
+    room_id = shared_room(topo, version, with_carol=True)
+    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    body = f"leak v{version}"
+    event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], body)
+    typing = {
+        "edu_type": "m.typing",
+        "content": {"room_id": room_id, "user_id": topo.users["carol"], "typing": True},
+    }
+    status, answer = topo.send_transaction(topo.hs3, [pdu], [typing])
+    assert status == 200, answer
+    rows = topo.wait_for_findings(lambda r: any(f["event_id"] == event_id for f in r), room=room_id)
+    (finding,) = [f for f in rows if f["event_id"] == event_id]
+    assert (finding["rule"], finding["action"]) == ("acl.sender", "dropped")
+    assert finding["attributed_to"] == topo.hs3.server_name
+    assert finding["sender_server"] == topo.hs2.server_name
+    assert finding["confidence"] == "high"  # hs2's signature verified: hs2 really wrote it
+    time.sleep(2)
+    assert body not in bodies(topo.alice, room_id)
+    metrics = topo.metrics_text()
+    assert (
+        'modgud_hook_calls_total{answer="refuse",callback="check_event_for_spam",decided_by="edge"}'
+        in metrics
+    )
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_relayed_event_alone_is_answered_at_the_edge(enforce_topology, version):
+    """A transaction holding only the denied server's event is answered by modgud itself,
+    with that event ID's error in Synapse's /send response shape."""
+    topo = enforce_topology
+    room_id = shared_room(topo, version, with_carol=True)
+    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], "edge leak")
+    status, answer = topo.send_transaction(topo.hs3, [pdu])
+    assert status == 200
+    assert answer["pdus"][event_id]["errcode"] == "M_FORBIDDEN"
+    assert "127.0.0.1" in answer["pdus"][event_id]["error"]
+    rows = topo.wait_for_findings(lambda r: any(f["event_id"] == event_id for f in r), room=room_id)
+    assert [f["action"] for f in rows if f["event_id"] == event_id] == ["rejected"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_audit_mode_passes_everything_and_flags(audit_topology, version):
+    """Audit: the relayed leak passes (Synapse shows it — the gap modgud reports) and the
+    finding is `flagged`; nothing is refused by modgud."""
+    topo = audit_topology
+    room_id = shared_room(topo, version, with_carol=True)
+    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    body = f"audited leak v{version}"
+    event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], body)
+    status, answer = topo.send_transaction(topo.hs3, [pdu])
+    assert status == 200
+    assert answer["pdus"].get(event_id, {}) == {}, answer
+    assert topo.alice.wait_for_message(room_id, body), (
+        "Synapse itself should accept the relayed event"
+    )
+    rows = topo.wait_for_findings(lambda r: any(f["event_id"] == event_id for f in r), room=room_id)
+    assert [(f["rule"], f["action"]) for f in rows if f["event_id"] == event_id] == [
+        ("acl.sender", "flagged")
+    ]
