@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 from mitmproxy import http
 
@@ -61,7 +62,7 @@ class Enforcer:
         endpoint = state.endpoint
         outcome = "forwarded"
         try:
-            if endpoint.cls in (EndpointClass.SEND, EndpointClass.ROOM_DATA):
+            if endpoint.cls in _AUTHENTICATED:
                 if not await self._authenticate(runtime, flow, state):
                     outcome = "unauthenticated"
                 elif endpoint.cls is EndpointClass.SEND and flow.request.method == "PUT":
@@ -74,15 +75,62 @@ class Enforcer:
             runtime.metrics.requests.labels("inbound", endpoint.cls.value, outcome).inc()
             runtime.metrics.transaction_seconds.observe(time.perf_counter() - started)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         runtime = self.holder.runtime
         state = flow.metadata.get("modgud")
         if runtime is None or not isinstance(state, FlowState) or state.answered_locally:
             return
-        if flow.response is not None and flow.response.status_code == 200:
-            # The homeserver has accepted the transaction: state it changed is refetched.
-            for room_id in state.stale_rooms:
-                runtime.mark_stale(room_id)
+        if flow.response is None or flow.response.status_code != 200:
+            return
+        # The homeserver has accepted the transaction: state it changed is refetched.
+        for room_id in state.stale_rooms:
+            runtime.mark_stale(room_id)
+        if state.endpoint.cls is EndpointClass.EVENT and state.auth is not None:
+            try:
+                await self._check_event_answer(runtime, flow, state)
+            except Exception:
+                self._internal_error(runtime, flow, "edge")
+
+    async def _check_event_answer(
+        self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState
+    ) -> None:
+        """/v1/event/{eventId} names no room: the room is learned from the homeserver's
+        answer, and a denied origin gets 403 instead of the event (a response is not
+        covered by the requester's signature, so replacing it is legitimate)."""
+        assert state.auth is not None and flow.response is not None
+        answer, reason = parse_json_body(flow.response.content or b"")
+        pdus = answer.get("pdus") if isinstance(answer, dict) and reason is None else None
+        first = pdus[0] if isinstance(pdus, list) and pdus else None
+        room_id = first.get("room_id") if isinstance(first, dict) else None
+        if not isinstance(room_id, str):
+            return
+        config = runtime.config
+        policy = await runtime.state.get(room_id, config.state_timeout_seconds)
+        item = check_request_origin(
+            state.auth.origin, room_id, policy, "event", fail_open=config.fail_open
+        )
+        if not item.findings:
+            return
+        refuse = item.refused and config.enforcing
+        record_findings(
+            runtime,
+            [replace(f, event_id=state.endpoint.event_id) for f in item.findings],
+            action="rejected" if refuse else "flagged",
+            endpoint="event",
+        )
+        if refuse:
+            if isinstance(policy, StateUnavailable):
+                json_response(
+                    flow,
+                    503,
+                    {
+                        "errcode": "M_UNKNOWN",
+                        "error": "modgud: room state unavailable, retry later",
+                    },
+                )
+            else:
+                _forbidden(flow, _reason(item))
+            runtime.metrics.requests.labels("inbound", "event", "refused").inc()
 
     @staticmethod
     def _internal_error(runtime: Runtime, flow: http.HTTPFlow, where: str) -> str:
@@ -207,6 +255,10 @@ class Enforcer:
             (runtime.metrics.pdus, verdict.pdus),
             (runtime.metrics.edus, verdict.edus),
         ):
+            if not any(i.findings for i in items):
+                if items:
+                    counter.labels("inbound", "allowed", "none").inc(len(items))
+                continue
             counts = Counter((_action(config.enforcing, i, verdict), _rule(i)) for i in items)
             for (action, rule), n in counts.items():
                 counter.labels("inbound", action, rule).inc(n)
@@ -345,6 +397,9 @@ class Enforcer:
             endpoint=state.endpoint.name,
             txn_id=state.endpoint.txn_id,
         )
+
+
+_AUTHENTICATED = (EndpointClass.SEND, EndpointClass.ROOM_DATA, EndpointClass.EVENT)
 
 
 def _unavailable_findings(verdict: TransactionVerdict) -> list[Finding]:

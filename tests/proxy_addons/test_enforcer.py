@@ -205,3 +205,31 @@ async def test_forged_request_signature_blames_nobody(make_runtime):
     genuine = send_flow("denied.test", [pdu("@a:denied.test")])
     await run(holder, genuine)
     assert genuine.response.status_code == 200  # answered locally: ACL refusal, now attributable
+
+
+async def test_event_fetch_by_denied_origin_answered_403(make_runtime):
+    """/v1/event/{id} names no room: modgud learns it from the homeserver's answer and
+    replaces that answer with 403 for an origin the room's ACL denies."""
+    from mitmproxy import http
+
+    holder = make_runtime()
+    event = pdu("@a:good.test")
+    answer = json.dumps({"origin": "hs.test", "origin_server_ts": 1, "pdus": [event]}).encode()
+    path = "/_matrix/federation/v1/event/%24abc"
+    for origin, status in (("denied.test", 403), ("good.test", 200)):
+        flow = get_flow(origin, path)
+        enforcer = Enforcer(holder)
+        with taddons.context(enforcer):
+            await enforcer.request(flow)
+            assert flow.response is None  # the room is not known before the answer
+            flow.response = http.Response.make(200, answer, {"Content-Type": "application/json"})
+            await enforcer.response(flow)
+        assert flow.response.status_code == status
+        if status == 403:
+            assert json.loads(flow.response.content)["errcode"] == "M_FORBIDDEN"
+        else:
+            assert json.loads(flow.response.content)["pdus"][0]["sender"] == "@a:good.test"
+    rows = findings(holder)
+    assert [(r["rule"], r["action"], r["endpoint"], r["event_id"]) for r in rows] == [
+        ("acl.origin", "rejected", "event", "$abc")
+    ]
