@@ -50,7 +50,7 @@ UNAVAILABLE = StateUnavailable()
 RoomLookup = Mapping[str, RoomPolicy | None | StateUnavailable]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per PDU on the hot path; treat as immutable
 class ItemVerdict:
     """The verdict on one PDU or EDU (or a whole request, for non-/send endpoints)."""
 
@@ -134,6 +134,13 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
     if policy is None:
         # The homeserver does not know the room: no policy to apply, it decides itself.
         return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
+    origin_acl = check_server_acl(policy.acl, origin)
+    sender_acl = origin_acl
+    if origin_acl.allowed and pdu.sender_server != origin:
+        sender_acl = check_server_acl(policy.acl, pdu.sender_server)
+    if sender_acl.allowed:
+        # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
+        return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
     event_id: str | None = None
     findings: list[Finding] = []
 
@@ -158,7 +165,6 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
             confidence=confidence,
         )
 
-    origin_acl = check_server_acl(policy.acl, origin)
     if not origin_acl.allowed:
         findings.append(
             finding(
@@ -167,16 +173,9 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
                 f"delivering server {origin}: {origin_acl.reason}",
             )
         )
-    elif pdu.sender_server != origin:
-        sender_acl = check_server_acl(policy.acl, pdu.sender_server)
-        if not sender_acl.allowed:
-            detail = (
-                f"event written by {pdu.sender_server} ({sender_acl.reason}) relayed by {origin}"
-            )
-            findings.append(finding(Rule.ACL_SENDER, Severity.HIGH, detail, Confidence.MEDIUM))
-    if not findings:
-        # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
-        return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
+    else:
+        detail = f"event written by {pdu.sender_server} ({sender_acl.reason}) relayed by {origin}"
+        findings.append(finding(Rule.ACL_SENDER, Severity.HIGH, detail, Confidence.MEDIUM))
     event_id = _event_id(pdu, policy)
     if event_id is None and policy.room_version is None:
         version = policy.room_version_id[:50]
@@ -253,7 +252,19 @@ def check_transaction(
 ) -> TransactionVerdict:
     """Check every item of a parsed transaction; the caller has checked `txn.error`."""
     origin = txn.origin or ""
-    pdus = [check_pdu(pdu, origin, rooms, fail_open=fail_open) for pdu in txn.pdus]
+    # A transaction's PDUs mostly share a room and an author: an allowed (room, author)
+    # pair is decided once per transaction, not once per PDU.
+    allowed: set[tuple[str, str]] = set()
+    pdus: list[ItemVerdict] = []
+    for pdu in txn.pdus:
+        key = (pdu.room_id, pdu.sender_server)
+        if key in allowed:
+            pdus.append(ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id))
+            continue
+        item = check_pdu(pdu, origin, rooms, fail_open=fail_open)
+        if item.decision is Decision.ALLOW and not item.findings:
+            allowed.add(key)
+        pdus.append(item)
     pdus.extend(ItemVerdict(-1, Decision.REFUSE, (f,)) for f in txn.bad_pdus)
     edus = [check_edu(edu, origin, rooms, fail_open=fail_open) for edu in txn.edus]
     edus.extend(ItemVerdict(-1, Decision.REFUSE, (f,)) for f in txn.bad_edus)

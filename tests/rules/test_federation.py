@@ -6,8 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rules.federation import MAX_PDU_BYTES, edu_rooms, edu_users, parse_transaction
+from rules.federation import (
+    MAX_PDU_BYTES,
+    edu_rooms,
+    edu_users,
+    parse_json_body,
+    parse_transaction,
+)
 from rules.findings import Rule
 
 
@@ -113,3 +121,60 @@ def test_edu_users_and_rooms():
     users = [edu_users(e) for e in txn.edus]
     assert users == [["@a:x"], ["@b:x", "@c:y"], ["@d:x", None], ["@e:x"], ["@f:x"], []]
     assert [edu_rooms(e) for e in txn.edus] == [["!r:x"], ["!r:x"], [], [], [], []]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+junk = st.sampled_from([b"", b" ", b"x", b"NaN", b"\xff", b"]", b'\\ud800"', b"1" * 4400])
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values, junk, st.integers(min_value=0, max_value=40))
+def test_fast_decoder_agrees_with_the_stdlib(value, extra, cut):
+    """msgspec first, stdlib on refusal: the same value or the same refusal as the stdlib
+    alone, for valid JSON, truncated JSON, trailing junk, invalid UTF-8, NaN, huge ints."""
+    from rules.federation import _parse_json_stdlib
+
+    raw = json.dumps(value).encode()
+    for body_bytes in (raw, raw + extra, raw[:cut] + extra, extra + raw):
+        fast, fast_reason = parse_json_body(body_bytes)
+        slow, slow_reason = _parse_json_stdlib(body_bytes)
+        assert (fast_reason is None) == (slow_reason is None)
+        assert repr(fast) == repr(slow)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": [], "a": [1]}',
+        b'{"x": 1e400}',
+        b'{"x": ' + b"1" * 4300 + b"}",
+        b'{"x": ' + b"1" * 4301 + b"}",
+        b'{"x": "\\ud800"}',
+        b'{"x": -0}',
+        b'{"x": 0.1, "y": 1E5, "z": -1.5e-7}',
+        b'"\\u0000"',
+    ],
+)
+def test_fast_decoder_edge_cases(raw):
+    """Duplicate keys, numbers the decoders could treat differently, lone surrogates."""
+    from rules.federation import _parse_json_stdlib
+
+    assert repr(parse_json_body(raw)) == repr(_parse_json_stdlib(raw))
+
+
+def test_sender_server_check_is_per_pdu_despite_the_per_transaction_memo():
+    """The server-name memo must not let one PDU's malformed sender decide another's."""
+    pdus = [pdu(sender="u:a.test"), pdu(sender="@u:a.test"), pdu(sender="@v"), pdu(sender="@")]
+    txn = parse_transaction(body(pdus), "t", "a.test")
+    assert [(p.index, p.sender_server) for p in txn.pdus] == [(1, "a.test")]
+    assert len(txn.bad_pdus) == 3
