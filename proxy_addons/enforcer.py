@@ -315,10 +315,10 @@ class Enforcer:
     ) -> TransactionVerdict:
         """Verify each PDU's signatures (spec: Server-Server API, "Checks performed on
         receipt of a PDU"); a bad one is refused, a verified author raises confidence."""
-        by_index = {item.index: item for item in verdict.pdus}
+        by_index = {item.position: item for item in verdict.pdus}
         checked: list[ItemVerdict] = []
         for pdu in txn.pdus:
-            item = by_index[pdu.index]
+            item = by_index[pdu.position]
             policy = rooms.get(pdu.room_id)
             if not isinstance(policy, RoomPolicy) or policy.room_version is None:
                 checked.append(item)
@@ -332,7 +332,7 @@ class Enforcer:
                             await runtime.keys.ensure(server, key_id)
             result = verify_event_signatures(pdu.event, policy.room_version, runtime.keys.lookup)
             checked.append(with_signature_check(item, pdu, txn.origin or "", result))
-        others = [item for item in verdict.pdus if item.index < 0]
+        others = [item for item in verdict.pdus if item.position < 0]
         return TransactionVerdict(tuple(checked + others), verdict.edus, verdict.findings)
 
     async def _check_room_data(

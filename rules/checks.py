@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from rules.acl import check_server_acl
 from rules.eventhash import compute_event_id
@@ -50,11 +51,13 @@ UNAVAILABLE = StateUnavailable()
 RoomLookup = Mapping[str, RoomPolicy | None | StateUnavailable]
 
 
-@dataclass(slots=True)  # not frozen: one per PDU on the hot path; treat as immutable
-class ItemVerdict:
-    """The verdict on one PDU or EDU (or a whole request, for non-/send endpoints)."""
+class ItemVerdict(NamedTuple):
+    """The verdict on one PDU or EDU (or a whole request, for non-/send endpoints).
 
-    index: int
+    A NamedTuple, not a frozen dataclass: just as immutable, and three times cheaper to
+    build, which matters at one verdict per PDU on the hot path."""
+
+    position: int  # where the item sits in the transaction; -1: unparseable
     decision: Decision
     findings: tuple[Finding, ...] = ()
     event_id: str | None = None
@@ -130,17 +133,17 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
     """Check one PDU delivered by `origin` against its room's policy."""
     policy = rooms.get(pdu.room_id)
     if isinstance(policy, StateUnavailable):
-        return _unavailable(pdu.index, fail_open, pdu.room_id, origin)
+        return _unavailable(pdu.position, fail_open, pdu.room_id, origin)
     if policy is None:
         # The homeserver does not know the room: no policy to apply, it decides itself.
-        return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
+        return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
     origin_acl = check_server_acl(policy.acl, origin)
     sender_acl = origin_acl
     if origin_acl.allowed and pdu.sender_server != origin:
         sender_acl = check_server_acl(policy.acl, pdu.sender_server)
     if sender_acl.allowed:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
-        return ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id)
+        return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
     event_id: str | None = None
     findings: list[Finding] = []
 
@@ -191,7 +194,7 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
     findings = [replace(f, event_id=event_id) for f in findings]
     refuse = any(f.rule in (Rule.ACL_ORIGIN, Rule.ACL_SENDER) for f in findings)
     return ItemVerdict(
-        pdu.index,
+        pdu.position,
         Decision.REFUSE if refuse else Decision.ALLOW,
         tuple(findings),
         event_id,
@@ -224,7 +227,7 @@ def check_edu(edu: Edu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
         policy = rooms.get(room_id)
         if isinstance(policy, StateUnavailable):
             if not fail_open:
-                return _unavailable(edu.index, fail_open, room_id, origin)
+                return _unavailable(edu.position, fail_open, room_id, origin)
             continue
         if policy is None:
             continue
@@ -243,7 +246,7 @@ def check_edu(edu: Edu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
             )
     room = next(iter(edu_rooms(edu)), None)
     return ItemVerdict(
-        edu.index, Decision.REFUSE if findings else Decision.ALLOW, tuple(findings), room_id=room
+        edu.position, Decision.REFUSE if findings else Decision.ALLOW, tuple(findings), room_id=room
     )
 
 
@@ -259,7 +262,7 @@ def check_transaction(
     for pdu in txn.pdus:
         key = (pdu.room_id, pdu.sender_server)
         if key in allowed:
-            pdus.append(ItemVerdict(pdu.index, Decision.ALLOW, room_id=pdu.room_id))
+            pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
             continue
         item = check_pdu(pdu, origin, rooms, fail_open=fail_open)
         if item.decision is Decision.ALLOW and not item.findings:
@@ -359,7 +362,7 @@ def with_signature_check(
             replace(f, confidence=Confidence.HIGH) if f.rule is Rule.ACL_SENDER else f
             for f in item.findings
         )
-        return replace(item, findings=findings)
+        return item._replace(findings=findings)
     if check.missing_keys:
         return item
     finding = Finding(
@@ -375,4 +378,4 @@ def with_signature_check(
         attributed_to=origin,
         confidence=Confidence.MEDIUM,
     )
-    return replace(item, decision=Decision.REFUSE, findings=(*item.findings, finding))
+    return item._replace(decision=Decision.REFUSE, findings=(*item.findings, finding))

@@ -191,6 +191,8 @@ def start_proxy(kind: str, stub: int, workdir: Path) -> tuple[subprocess.Popen[b
             f"database: {kind}.db\n"
         )
         cmd = [str(bindir / "modgud"), "run", "--config", str(cfg), "--", "-q"]
+    if os.environ.get("BENCH_EXTRA_SCRIPT"):  # e.g. a profiling addon
+        cmd += ["-s", os.environ["BENCH_EXTRA_SCRIPT"]]
     if PIN:
         # The proxy gets core 1 to itself; client and stub share core 0.
         cmd = ["taskset", "-c", "1", *cmd]

@@ -176,5 +176,75 @@ def test_sender_server_check_is_per_pdu_despite_the_per_transaction_memo():
     """The server-name memo must not let one PDU's malformed sender decide another's."""
     pdus = [pdu(sender="u:a.test"), pdu(sender="@u:a.test"), pdu(sender="@v"), pdu(sender="@")]
     txn = parse_transaction(body(pdus), "t", "a.test")
-    assert [(p.index, p.sender_server) for p in txn.pdus] == [(1, "a.test")]
+    assert [(p.position, p.sender_server) for p in txn.pdus] == [(1, "a.test")]
     assert len(txn.bad_pdus) == 3
+
+
+def _summary(txn):
+    return (
+        txn.error.detail if txn.error else None,
+        [(p.position, p.room_id, p.sender, p.event_type, p.state_key, p.event) for p in txn.pdus],
+        [f.detail for f in txn.bad_pdus],
+        [(e.position, e.edu_type, e.content) for e in txn.edus],
+        [f.detail for f in txn.bad_edus],
+        [f.detail for f in txn.warnings],
+    )
+
+
+_pdu_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "room_id": st.sampled_from(["!r:x", 5, None]),
+        "sender": st.sampled_from(["@u:a.test", "@v:b.test", "nobody", "@x:[::1]:80", "@y"]),
+        "type": st.sampled_from(["m.room.message", "m.room.create", ["x"]]),
+        "state_key": st.sampled_from(["", "@u:a.test", 1]),
+        "content": json_values,
+    },
+)
+_txn_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "origin": st.sampled_from(["a.test", "b.test", 3]),
+        "pdus": st.lists(_pdu_like | json_values, max_size=4) | json_values,
+        "edus": st.lists(
+            st.fixed_dictionaries(
+                {}, optional={"edu_type": st.sampled_from(["m.typing", 1]), "content": json_values}
+            )
+            | json_values,
+            max_size=3,
+        ),
+    },
+)
+# Byte strings spliced into a PDU's content: what the two decoders could disagree on.
+_splices = st.sampled_from(
+    [b"1", b"NaN", b"1e400", b"-0", b"1" * 4301, b'"\xff"', b'"\\ud800"', b"[" * 2000, b"tru"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_txn_like | json_values, junk, _splices)
+def test_fast_path_parses_transactions_exactly_like_the_stdlib_path(value, extra, splice):
+    """The msgspec fast path and the stdlib reference path give the same transaction for
+    any body: valid ones, wrong types, trailing junk, and values spliced into a PDU that the
+    fast path skips over unread (invalid UTF-8, huge integers, NaN, deep nesting)."""
+    from rules.federation import _parse_stdlib
+
+    raw = json.dumps(value).encode()
+    spliced = raw.replace(b'"content": ', b'"content": ' + splice + b', "_": ', 1)
+    for body_bytes in (raw, raw + extra, spliced, raw.replace(b"a.test", b"a.t\xffst")):
+        assert _summary(parse_transaction(body_bytes, "t", "a.test")) == _summary(
+            _parse_stdlib(body_bytes, "t", "a.test")
+        )
+
+
+def test_fast_path_is_taken_and_leaves_pdus_undecoded():
+    """A well-formed transaction goes through the fast path, and a PDU's event is decoded
+    only when asked for, to the same dict the stdlib gives."""
+    from rules.federation import _parse_fast
+
+    raw = body([pdu(content={"n": 1}), pdu(sender="@v:a.test")])
+    txn = _parse_fast(raw, "t", "a.test")
+    assert txn is not None and len(txn.pdus) == 2
+    assert all(p._event is None for p in txn.pdus)
+    assert txn.pdus[0].event == json.loads(raw)["pdus"][0]
+    assert _parse_fast(raw.replace(b'"n": 1', b'"n": ' + b"1" * 4301), "t", "a.test") is None
