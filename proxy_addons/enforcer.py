@@ -45,6 +45,11 @@ def _forbidden(flow: http.HTTPFlow, message: str) -> None:
     json_response(flow, 403, {"errcode": "M_FORBIDDEN", "error": message})
 
 
+def _retry_later(flow: http.HTTPFlow, what: str) -> None:
+    """A 5xx: the sending server keeps the transaction and retries it later."""
+    json_response(flow, 503, {"errcode": "M_UNKNOWN", "error": f"modgud: {what}, retry later"})
+
+
 class Enforcer:
     """Inbound federation requests: authenticate, check, enforce or audit, record."""
 
@@ -120,14 +125,7 @@ class Enforcer:
         )
         if refuse:
             if isinstance(policy, StateUnavailable):
-                json_response(
-                    flow,
-                    503,
-                    {
-                        "errcode": "M_UNKNOWN",
-                        "error": "modgud: room state unavailable, retry later",
-                    },
-                )
+                _retry_later(flow, "room state unavailable")
             else:
                 _forbidden(flow, _reason(item))
             runtime.metrics.requests.labels("inbound", "event", "refused").inc()
@@ -141,9 +139,7 @@ class Enforcer:
         if runtime.config.fail_open or not runtime.config.enforcing:
             runtime.metrics.fail_open.labels(where).inc()
             return "fail_open"
-        json_response(
-            flow, 503, {"errcode": "M_UNKNOWN", "error": "modgud: internal error, retry later"}
-        )
+        _retry_later(flow, "internal error")
         return "error"
 
     async def _authenticate(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> bool:
@@ -160,17 +156,9 @@ class Enforcer:
                 f"{state.endpoint.name} request without a valid X-Matrix Authorization header",
                 confidence=Confidence.LOW,
             )
-            self._record(runtime, state, [finding], rejected=config.enforcing)
-            if config.enforcing:
-                json_response(
-                    flow,
-                    401,
-                    {
-                        "errcode": "M_UNAUTHORIZED",
-                        "error": "Missing or invalid X-Matrix authorization",
-                    },
-                )
-                state.answered_locally = True
+            self._unauthorized(
+                runtime, flow, state, finding, "Missing or invalid X-Matrix authorization"
+            )
             return False
         if not config.verify_signatures:
             return True
@@ -205,13 +193,16 @@ class Enforcer:
             f"X-Matrix signature claiming origin {auth.origin[:100]} does not verify",
             confidence=Confidence.LOW,
         )
-        self._record(runtime, state, [finding], rejected=config.enforcing)
-        if config.enforcing:
-            json_response(
-                flow, 401, {"errcode": "M_UNAUTHORIZED", "error": "Invalid X-Matrix signature"}
-            )
-            state.answered_locally = True
+        self._unauthorized(runtime, flow, state, finding, "Invalid X-Matrix signature")
         return False
+
+    def _unauthorized(
+        self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState, finding: Finding, error: str
+    ) -> None:
+        self._record(runtime, state, [finding], rejected=runtime.config.enforcing)
+        if runtime.config.enforcing:
+            json_response(flow, 401, {"errcode": "M_UNAUTHORIZED", "error": error})
+            state.answered_locally = True
 
     async def _check_send(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> str:
         config = runtime.config
@@ -272,11 +263,7 @@ class Enforcer:
                 endpoint="send",
                 txn_id=txn_id,
             )
-            json_response(
-                flow,
-                503,
-                {"errcode": "M_UNKNOWN", "error": "modgud: room state unavailable, retry later"},
-            )
+            _retry_later(flow, "room state unavailable")
             state.answered_locally = True
             return "unavailable"
         answer_locally = config.enforcing and verdict.refused_all
@@ -350,11 +337,7 @@ class Enforcer:
         refuse = item.refused and config.enforcing
         if refuse and isinstance(policy, StateUnavailable):
             record_findings(runtime, item.findings, action="rejected", endpoint=endpoint.name)
-            json_response(
-                flow,
-                503,
-                {"errcode": "M_UNKNOWN", "error": "modgud: room state unavailable, retry later"},
-            )
+            _retry_later(flow, "room state unavailable")
             state.answered_locally = True
             return "unavailable"
         record_findings(

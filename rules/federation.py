@@ -294,50 +294,25 @@ def _parse_fast(body: bytes, txn_id: str, origin: str | None) -> Transaction | N
         fields = [_PDU_DECODER.decode(raw) for raw in wire.pdus]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    pdus: list[Pdu] = []
-    bad_pdus: list[Finding] = []
     servers: dict[str, bool] = {}
+    parsed: list[Pdu | Finding] = []
     for position, (raw_pdu, f) in enumerate(zip(wire.pdus, fields, strict=True)):
         raw = bytes(raw_pdu)
-        parsed = _make_pdu(
-            position,
-            (f.room_id, f.sender, f.type, f.state_key),
-            None,
-            raw,
-            origin,
-            len(raw) > MAX_PDU_BYTES,
-            servers,
-        )
-        if isinstance(parsed, Pdu):
-            pdus.append(parsed)
-        else:
-            bad_pdus.append(parsed)
-    edus, bad_edus = _parse_edus(wire.edus, origin)
-    return Transaction(
-        txn_id,
-        origin,
-        tuple(pdus),
-        tuple(edus),
-        tuple(bad_pdus),
-        tuple(bad_edus),
-        None,
-        _origin_warnings(wire.origin, origin),
-    )
+        fields_needed = (f.room_id, f.sender, f.type, f.state_key)
+        check_size = len(raw) > MAX_PDU_BYTES
+        parsed.append(_make_pdu(position, fields_needed, None, raw, origin, check_size, servers))
+    return _transaction(txn_id, origin, wire.origin, parsed, wire.edus)
 
 
-def _origin_warnings(body_origin: object, origin: str | None) -> tuple[Finding, ...]:
-    if origin is None or body_origin == origin:
-        return ()
-    return (
-        _malformed(
-            Rule.MALFORMED_REQUEST,
-            f"body origin {str(body_origin)[:100]!r} differs from the X-Matrix origin",
-            origin,
-        ),
-    )
-
-
-def _parse_edus(edus_raw: list[object], origin: str | None) -> tuple[list[Edu], list[Finding]]:
+def _transaction(
+    txn_id: str,
+    origin: str | None,
+    body_origin: object,
+    parsed: list[Pdu | Finding],
+    edus_raw: list[object],
+) -> Transaction:
+    pdus = tuple(p for p in parsed if isinstance(p, Pdu))
+    bad_pdus = tuple(p for p in parsed if isinstance(p, Finding))
     edus: list[Edu] = []
     bad_edus: list[Finding] = []
     for position, raw in enumerate(edus_raw):
@@ -350,7 +325,11 @@ def _parse_edus(edus_raw: list[object], origin: str | None) -> tuple[list[Edu], 
         bad_edus.append(
             _malformed(Rule.MALFORMED_EDU, f"EDU {position} lacks edu_type or content", origin)
         )
-    return edus, bad_edus
+    warnings: tuple[Finding, ...] = ()
+    if origin is not None and body_origin != origin:
+        detail = f"body origin {str(body_origin)[:100]!r} differs from the X-Matrix origin"
+        warnings = (_malformed(Rule.MALFORMED_REQUEST, detail, origin),)
+    return Transaction(txn_id, origin, pdus, tuple(edus), bad_pdus, tuple(bad_edus), None, warnings)
 
 
 def parse_transaction(body: bytes, txn_id: str, origin: str | None) -> Transaction:
@@ -384,27 +363,13 @@ def _parse_stdlib(body: bytes, txn_id: str, origin: str | None) -> Transaction:
             f"the limits are {MAX_PDUS} and {MAX_EDUS}"
         )
         return Transaction(txn_id, origin, error=_malformed(Rule.MALFORMED_REQUEST, detail, origin))
-    pdus: list[Pdu] = []
-    bad_pdus: list[Finding] = []
     check_size = len(body) > MAX_PDU_BYTES
     servers: dict[str, bool] = {}
-    for position, raw in enumerate(pdus_raw):
-        parsed = parse_pdu(raw, position, origin, check_size=check_size, servers=servers)
-        if isinstance(parsed, Pdu):
-            pdus.append(parsed)
-        else:
-            bad_pdus.append(parsed)
-    edus, bad_edus = _parse_edus(edus_raw, origin)
-    return Transaction(
-        txn_id,
-        origin,
-        tuple(pdus),
-        tuple(edus),
-        tuple(bad_pdus),
-        tuple(bad_edus),
-        None,
-        _origin_warnings(data.get("origin"), origin),
-    )
+    parsed = [
+        parse_pdu(raw, position, origin, check_size=check_size, servers=servers)
+        for position, raw in enumerate(pdus_raw)
+    ]
+    return _transaction(txn_id, origin, data.get("origin"), parsed, edus_raw)
 
 
 def edu_users(edu: Edu) -> list[object]:
