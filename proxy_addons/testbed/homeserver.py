@@ -31,6 +31,7 @@ __all__ = [
     "SynapseHomeserver",
     "free_port",
     "read_signing_key",
+    "self_signed_certificate",
     "synapse_python",
 ]
 
@@ -76,7 +77,8 @@ def read_signing_key(path: Path) -> Any:
         return read_signing_keys(f)[0]
 
 
-def _self_signed(workdir: Path) -> tuple[Path, Path]:
+def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for a loopback TLS listener."""
     cert, key = workdir / "tls.crt", workdir / "tls.key"
     subprocess.run(
         [
@@ -196,7 +198,7 @@ class SynapseHomeserver:
             }
         ]
         if self.tls_port is not None:
-            cert, key = _self_signed(self.workdir)
+            cert, key = self_signed_certificate(self.workdir)
             listeners.append(
                 {
                     "port": self.tls_port,

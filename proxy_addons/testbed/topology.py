@@ -33,6 +33,7 @@ from proxy_addons.testbed.homeserver import (
     free_port,
     read_signing_key,
 )
+from proxy_addons.testbed.peer import FederationPeer, FederationResponse, PeerServer
 from rules.eventhash import compute_event_id
 from rules.roomversion import get_room_version
 from rules.signatures import sign_event
@@ -63,6 +64,13 @@ class Topology:
         self.metrics_port = free_port()
         self.hook_token = secrets.token_hex(16)
         hs2_tls, hs3_tls = free_port(), free_port()
+        # The scripted peer: a reachable "leaky" server and servers whose names do not
+        # resolve; every homeserver fetches their keys through the peer's notary.
+        self.peer = FederationPeer(self.workdir / "peer", free_port())
+        self.leaky = self.peer.add_server()
+        self.denied = self.peer.add_server("denied.test")
+        self.unknown = self.peer.add_server("unknown.test")
+        keys = {"trusted_key_servers": [self.peer.trusted_key_server]}
         antispam = {
             "module": "synapse_http_antispam.HTTPAntispam",
             "config": {
@@ -78,12 +86,21 @@ class Topology:
             f"localhost:{self.modgud_port}",
             http_port=free_port(),
             modules=[antispam],
+            extra_config=keys,
         )
         self.hs2 = SynapseHomeserver(
-            self.workdir / "hs2", f"127.0.0.1:{hs2_tls}", http_port=free_port(), tls_port=hs2_tls
+            self.workdir / "hs2",
+            f"127.0.0.1:{hs2_tls}",
+            http_port=free_port(),
+            tls_port=hs2_tls,
+            extra_config=keys,
         )
         self.hs3 = SynapseHomeserver(
-            self.workdir / "hs3", f"localhost:{hs3_tls}", http_port=free_port(), tls_port=hs3_tls
+            self.workdir / "hs3",
+            f"localhost:{hs3_tls}",
+            http_port=free_port(),
+            tls_port=hs3_tls,
+            extra_config=keys,
         )
         self.modgud: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "modgud.yaml"
@@ -97,6 +114,7 @@ class Topology:
 
     def start(self) -> Topology:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.peer.start()
         errors: list[BaseException] = []
 
         def start(hs: SynapseHomeserver) -> None:
@@ -174,6 +192,7 @@ class Topology:
                 hs.stop()
             except Exception:  # noqa: BLE001 - best effort on teardown
                 pass
+        self.peer.stop()
 
     def __enter__(self) -> Topology:
         return self.start()
@@ -203,6 +222,34 @@ class Topology:
             f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
         ) as r:
             return str(r.read().decode())
+
+    # -- the scripted peer, talking to hs1 through modgud -------------------------------
+
+    @property
+    def hs1_address(self) -> str:
+        return f"127.0.0.1:{self.modgud_port}"
+
+    def peer_join(
+        self, server: PeerServer, localpart: str, room_id: str, membership: str = "join"
+    ) -> tuple[str, str]:
+        """A user of a peer server joins (or knocks on, or leaves) a room of hs1."""
+        user_id = server.user(localpart)
+        event_id, _ = self.peer.join(
+            server, user_id, room_id, self.hs1.server_name, self.hs1_address, membership=membership
+        )
+        return user_id, event_id
+
+    def peer_send(
+        self,
+        server: PeerServer,
+        pdus: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        edus: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        *,
+        raw_body: bytes | None = None,
+    ) -> FederationResponse:
+        return self.peer.send(
+            server, self.hs1.server_name, self.hs1_address, pdus, edus, raw_body=raw_body
+        )
 
     # -- crafted federation traffic ------------------------------------------------------
 
