@@ -12,7 +12,7 @@ import yaml
 
 from rules.servername import parse_server_name
 
-__all__ = ["Config", "ConfigError", "Listen", "Mode", "load_config"]
+__all__ = ["Config", "ConfigError", "KeyServer", "Listen", "Mode", "load_config"]
 
 
 class ConfigError(Exception):
@@ -39,6 +39,18 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyServer:
+    """A notary modgud asks for server keys the homeserver's own key API does not serve
+    (Synapse serves only keys it fetched from the origin itself), like Synapse's
+    `trusted_key_servers`."""
+
+    server_name: str
+    verify_keys: tuple[tuple[str, str], ...]  # (key ID, unpadded base64 public key)
+    url: str
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     server_name: str
@@ -59,6 +71,7 @@ class Config:
     state_timeout_seconds: float = 5.0
     hook_state_timeout_seconds: float = 1.0
     max_body_bytes: int = 12 * 1024 * 1024
+    trusted_key_servers: tuple[KeyServer, ...] = ()
 
     @property
     def fail_open(self) -> bool:
@@ -258,6 +271,7 @@ def load_config(path: str | Path) -> Config:
     max_body = top.get("max_body_bytes", int, 12 * 1024 * 1024)
     if max_body < 65_536:
         raise top.error("max_body_bytes", "must be at least 65536")
+    key_servers = _parse_key_servers(top)
     top.reject_unknown()
 
     return Config(
@@ -280,4 +294,34 @@ def load_config(path: str | Path) -> Config:
         state_timeout_seconds=timeout,
         hook_state_timeout_seconds=hook_timeout,
         max_body_bytes=max_body,
+        trusted_key_servers=key_servers,
     )
+
+
+def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:
+    entries = top.get("trusted_key_servers", list, [])
+    out = []
+    for i, entry in enumerate(entries):
+        name = f"trusted_key_servers[{i}]"
+        if not isinstance(entry, _Mapping):
+            raise top.error("trusted_key_servers", f"entry {i}: expected a mapping")
+        node = _Node(top.path, name + ".", entry.data, entry.lines, entry.line)
+        server_name = node.get("server_name", str, required=True)
+        if parse_server_name(server_name) is None:
+            raise node.error("server_name", f"not a valid server name: {server_name!r}")
+        keys_node = node.child("verify_keys", required=True)
+        assert keys_node is not None
+        keys = []
+        for key_id in keys_node.value:
+            key = keys_node.get(key_id, str, required=True)
+            if not key_id.startswith("ed25519:"):
+                raise keys_node.error(key_id, "expected an ed25519:… key ID")
+            keys.append((key_id, key))
+        if not keys:
+            raise node.error("verify_keys", "needs at least one key")
+        url = _parse_url(node, "url", required=False, default=f"https://{server_name}")
+        assert url is not None
+        verify_tls = node.get("verify_tls", bool, True)
+        node.reject_unknown()
+        out.append(KeyServer(server_name, tuple(keys), url, verify_tls))
+    return tuple(out)

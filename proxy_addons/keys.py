@@ -1,6 +1,12 @@
 """Server signing keys, fetched from the protected homeserver acting as notary
 (`POST /_matrix/key/v2/query`, spec: Server-Server API, "Querying Keys Through Another
-Server"), cached with their validity and single-flight per server."""
+Server"), then from the configured trusted key servers, cached with their validity and
+single-flight per server.
+
+Synapse's notary API serves only keys Synapse fetched from the origin itself, never keys it
+got from its own trusted key servers, so a server whose name does not resolve from here has
+keys only through a trusted key server: modgud asks the same ones Synapse does.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ from collections.abc import Callable
 
 import aiohttp
 from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from proxy_addons.config import KeyServer
 from rules.signatures import ServerKey
 
 __all__ = ["KeyCache"]
@@ -34,8 +42,10 @@ class KeyCache:
         refetch_after: float = 60.0,
         max_servers: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        key_servers: tuple[KeyServer, ...] = (),
     ) -> None:
         self.notary_url = notary_url.rstrip("/")
+        self.key_servers = key_servers
         self._session = session
         self.timeout = timeout
         self.refetch_after = refetch_after
@@ -77,33 +87,64 @@ class KeyCache:
 
     async def _fetch(self, server_name: str, key_id: str) -> dict[str, ServerKey]:
         self.fetches += 1
-        url = f"{self.notary_url}/_matrix/key/v2/query"
         # Name the key (Synapse requires minimum_valid_until_ts): asked for "all keys",
         # Synapse's notary answers only from its cache
         # and never fetches (synapse/rest/key/v2/remote_key_resource.py).
         body: dict[str, object] = {
             "server_keys": {server_name: {key_id: {"minimum_valid_until_ts": 0}}}
         }
-        async with self._session().post(url, json=body) as resp:
-            if resp.status != 200:
-                raise ValueError(f"notary answered {resp.status}")
-            data = await resp.json(content_type=None)
-        keys = parse_server_keys(server_name, data)
+        keys: dict[str, ServerKey] = {}
+        error: Exception | None = None
+        try:
+            keys = parse_server_keys(server_name, await self._query(self.notary_url, body))
+        except (aiohttp.ClientError, ValueError) as e:
+            error = e
+        for notary in self.key_servers:
+            if key_id in keys:
+                break
+            try:
+                answer = await self._query(notary.url, body, verify_tls=notary.verify_tls)
+                keys.update(parse_server_keys(server_name, answer, notary))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                logger.warning("key server %s: %s", notary.server_name, e.__class__.__name__)
+                error = error or e
+        if not keys and error is not None:
+            raise error
         self._keys[server_name] = (self._clock(), keys)
         self._keys.move_to_end(server_name)
         while len(self._keys) > self.max_servers:
             self._keys.popitem(last=False)
         return keys
 
+    async def _query(self, base: str, body: object, verify_tls: bool = True) -> object:
+        url = f"{base.rstrip('/')}/_matrix/key/v2/query"
+        async with self._session().post(url, json=body, ssl=verify_tls) as resp:
+            if resp.status != 200:
+                raise ValueError(f"notary answered {resp.status}")
+            return await resp.json(content_type=None)
 
-def parse_server_keys(server_name: str, data: object) -> dict[str, ServerKey]:
-    """Keys of `server_name` from a key query answer; malformed entries are skipped."""
+
+def parse_server_keys(
+    server_name: str, data: object, notary: KeyServer | None = None
+) -> dict[str, ServerKey]:
+    """Keys of `server_name` from a key query answer; malformed entries are skipped.
+
+    From a trusted key server (`notary`), an entry counts only when the notary's signature
+    verifies with a configured key and the server's own signature with the key it names
+    (spec: "Querying Keys Through Another Server"). The homeserver's own answer, over
+    loopback, is trusted as it is.
+    """
     out: dict[str, ServerKey] = {}
     entries = data.get("server_keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError("key answer has no server_keys list")
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("server_name") != server_name:
+            continue
+        if notary is not None and not _vouched(entry, server_name, notary):
+            logger.warning(
+                "key server %s: answer for %s not verified", notary.server_name, server_name
+            )
             continue
         valid_until = entry.get("valid_until_ts")
         valid_until = valid_until if isinstance(valid_until, int) else None
@@ -127,3 +168,33 @@ def parse_server_keys(server_name: str, data: object) -> dict[str, ServerKey]:
                 if previous is None or (previous.valid_until_ts or 0) < (until or 0):
                     out[key_id] = ServerKey(server_name, key_id, verify_key, until)
     return out
+
+
+def _vouched(entry: dict[str, object], server_name: str, notary: KeyServer) -> bool:
+    notary_ok = False
+    for key_id, key in notary.verify_keys:
+        try:
+            verify_key = decode_verify_key_bytes(key_id, decode_base64(key))
+            verify_signed_json(entry, notary.server_name, verify_key)
+            notary_ok = True
+            break
+        except (SignatureVerifyException, ValueError, TypeError):
+            continue
+    if not notary_ok:
+        return False
+    own = entry.get("verify_keys")
+    signatures = entry.get("signatures")
+    signed_by = signatures.get(server_name) if isinstance(signatures, dict) else None
+    if not isinstance(own, dict) or not isinstance(signed_by, dict):
+        return False
+    for key_id in signed_by:
+        info = own.get(key_id)
+        if not isinstance(info, dict) or not isinstance(info.get("key"), str):
+            continue
+        try:
+            verify_key = decode_verify_key_bytes(key_id, decode_base64(info["key"]))
+            verify_signed_json(entry, server_name, verify_key)
+            return True
+        except (SignatureVerifyException, ValueError, TypeError):
+            continue
+    return False

@@ -78,7 +78,12 @@ def build_runtime(
         state=RoomStateCache(
             state_source, ttl=config.state_ttl_seconds, on_fetch=metrics.observe_state_fetch
         ),
-        keys=KeyCache(config.upstream, session, timeout=config.state_timeout_seconds),
+        keys=KeyCache(
+            config.upstream,
+            session,
+            timeout=config.state_timeout_seconds,
+            key_servers=config.trusted_key_servers,
+        ),
         verdicts=VerdictCache(),
     )
     holder.append(runtime)

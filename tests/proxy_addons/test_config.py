@@ -77,6 +77,27 @@ def test_full_config_reads_tokens_from_files(tmp_path):
         (MINIMAL + "hook: [1, 2]\n", "hook", 3, "expected a mapping"),
         ("server_name: example.org\nupstream: ftp://x\n", "upstream", 2, "http(s)://"),
         (MINIMAL + "max_body_bytes: 10\n", "max_body_bytes", 3, "at least"),
+        (MINIMAL + "trusted_key_servers: [1]\n", "trusted_key_servers", 3, "expected a mapping"),
+        (
+            MINIMAL + "trusted_key_servers:\n  - server_name: m.org\n    verify_keys: {}\n",
+            "trusted_key_servers[0].verify_keys",
+            5,
+            "at least one key",
+        ),
+        (
+            MINIMAL + "trusted_key_servers:\n  - server_name: m.org\n    verify_keys:\n"
+            "      rsa:1: abc\n",
+            "trusted_key_servers[0].verify_keys.rsa:1",
+            6,
+            "ed25519",
+        ),
+        (
+            MINIMAL + "trusted_key_servers:\n  - server_name: m.org\n"
+            "    verify_keys: {'ed25519:a': k}\n    colour: red\n",
+            "trusted_key_servers[0].colour",
+            6,
+            "unknown key",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_line(tmp_path, text, key, line, message):
@@ -112,3 +133,19 @@ def test_top_level_not_a_mapping(tmp_path):
     """A config that is a list or scalar is refused clearly."""
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_trusted_key_servers(tmp_path):
+    """Key servers as in Synapse's trusted_key_servers; the URL defaults to the name."""
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL + "trusted_key_servers:\n  - server_name: matrix.org\n"
+            "    verify_keys: {'ed25519:auto': Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP8GBQ}\n",
+        )
+    )
+    (server,) = config.trusted_key_servers
+    assert server.server_name == "matrix.org"
+    assert server.url == "https://matrix.org"
+    assert server.verify_keys == (("ed25519:auto", "Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP8GBQ"),)
+    assert server.verify_tls is True
