@@ -348,8 +348,11 @@ class ClientApi:
         preset: str = "public_chat",
         name: str | None = None,
         initial_state: list[Any] | None = None,
+        power_levels: dict[str, Any] | None = None,
     ) -> str:
         body: dict[str, Any] = {"preset": preset}
+        if power_levels:
+            body["power_level_content_override"] = power_levels
         if room_version:
             body["room_version"] = room_version
         if name:

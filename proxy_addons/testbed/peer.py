@@ -164,6 +164,7 @@ def _ids(refs: object) -> list[str]:
 class FederationResponse:
     status: int
     body: Any
+    txn_id: str | None = None
 
 
 class FederationPeer:
@@ -559,17 +560,26 @@ class FederationPeer:
         *,
         raw_body: bytes | None = None,
     ) -> FederationResponse:
-        """PUT /send as `server`; `raw_body` replaces the (still signed) JSON body."""
-        content = {
+        """PUT /send as `server`. `raw_body` replaces the JSON body; it is signed as it
+        is (without content when it is not JSON, as X-Matrix does)."""
+        content: Any = {
             "origin": server.name,
             "origin_server_ts": int(time.time() * 1000),
             "pdus": list(pdus),
             "edus": list(edus),
         }
-        path = f"/_matrix/federation/v1/send/{secrets.token_hex(8)}"
-        return self.request(
+        if raw_body is not None:
+            try:
+                content = json.loads(raw_body)
+            except ValueError:
+                content = None
+        txn_id = secrets.token_hex(8)
+        path = f"/_matrix/federation/v1/send/{txn_id}"
+        answer = self.request(
             server, destination, "PUT", path, content, raw_body=raw_body, address=address
         )
+        answer.txn_id = txn_id
+        return answer
 
     def join(
         self,

@@ -160,6 +160,11 @@ class Topology:
                     f"on_error: {self.on_error}",
                     f"database: {self.database}",
                     "state: {ttl_seconds: 30}",
+                    "trusted_key_servers:",
+                    f"  - server_name: '{self.peer.notary.name}'",
+                    f"    verify_keys: {json.dumps(self.peer.trusted_key_server['verify_keys'])}",
+                    f"    url: https://{self.peer.notary.name}",
+                    "    verify_tls: false  # the test peer's self-signed certificate",
                     "",
                 ]
             )
