@@ -73,7 +73,10 @@ class RoomStateCache:
     """Bounded LRU of room policies with single-flight fetches.
 
     Concurrent lookups of a cold room share one request (no thundering herd); a room
-    marked stale is refetched on its next lookup; entries expire after `ttl`.
+    marked stale is refetched on its next lookup; entries expire after `ttl`. A room the
+    homeserver does not know expires after `unknown_ttl` only: it is usually one the
+    homeserver is joining right now, and the events it pulls while joining must be judged
+    on the room's state as soon as it has one.
     """
 
     def __init__(
@@ -81,12 +84,14 @@ class RoomStateCache:
         source: RoomStateSource,
         *,
         ttl: float = 300.0,
+        unknown_ttl: float = 2.0,
         max_rooms: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str, float], None] | None = None,
     ) -> None:
         self.source = source
         self.ttl = ttl
+        self.unknown_ttl = unknown_ttl
         self.max_rooms = max_rooms
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -104,7 +109,10 @@ class RoomStateCache:
     def peek(self, room_id: str) -> RoomPolicy | None | StateUnavailable:
         """The cached policy if fresh, without fetching; UNAVAILABLE when not cached."""
         entry = self._entries.get(room_id)
-        if entry is None or entry.stale or self._clock() - entry.fetched_at > self.ttl:
+        if entry is None or entry.stale:
+            return UNAVAILABLE
+        ttl = self.ttl if entry.policy is not None else min(self.ttl, self.unknown_ttl)
+        if self._clock() - entry.fetched_at > ttl:
             return UNAVAILABLE
         return entry.policy
 

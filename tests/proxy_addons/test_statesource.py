@@ -1,0 +1,64 @@
+"""The room-state cache: one fetch per cold room however many ask at once, refetch when
+stale or expired, and a short life for rooms the homeserver does not know yet. The state
+source is a test double: this is the cache's logic, the e2e tests use Synapse's admin API."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy_addons.statesource import RoomStateCache
+from tests.proxy_addons.conftest import ROOM, StaticStateSource, policy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowSource(StaticStateSource):
+    async def fetch(self, room_id):
+        await asyncio.sleep(0.05)
+        return await super().fetch(room_id)
+
+
+async def test_concurrent_lookups_of_a_cold_room_share_one_fetch():
+    """No thundering herd: 20 concurrent lookups, one request."""
+    source = SlowSource({ROOM: policy()})
+    cache = RoomStateCache(source)
+    results = await asyncio.gather(*(cache.get(ROOM, 1.0) for _ in range(20)))
+    assert source.fetches == 1
+    assert all(r is results[0] for r in results)
+
+
+async def test_stale_and_expired_rooms_are_refetched():
+    clock = Clock()
+    source = StaticStateSource({ROOM: policy()})
+    cache = RoomStateCache(source, ttl=300, clock=clock)
+    await cache.get(ROOM, 1.0)
+    await cache.get(ROOM, 1.0)
+    assert source.fetches == 1
+    cache.mark_stale(ROOM)
+    await cache.get(ROOM, 1.0)
+    assert source.fetches == 2
+    clock.now += 301
+    await cache.get(ROOM, 1.0)
+    assert source.fetches == 3
+
+
+async def test_unknown_room_is_asked_again_soon():
+    """A room the homeserver does not know (yet) is not cached for the full TTL: it is
+    usually being joined, and its state must count as soon as it exists."""
+    clock = Clock()
+    source = StaticStateSource({})
+    cache = RoomStateCache(source, ttl=300, unknown_ttl=2, clock=clock)
+    assert await cache.get(ROOM, 1.0) is None
+    clock.now += 1
+    assert await cache.get(ROOM, 1.0) is None
+    assert source.fetches == 1
+    source.rooms[ROOM] = policy()
+    clock.now += 2
+    assert await cache.get(ROOM, 1.0) is not None
+    assert source.fetches == 2
