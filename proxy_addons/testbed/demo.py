@@ -1,8 +1,7 @@
-"""`make demo`: a real Synapse (hs1) behind modgud, two real Synapse peers, scripted
-federation traffic, and a report of what modgud decided and why. Leaves nothing running.
-
-    hs2 (127.0.0.1:*) — will be denied by the room's ACL
-    hs3 (localhost:*) — stays allowed, and relays hs2's event (a "leak")
+"""`make demo`: a real Synapse (hs1) behind modgud, a second real Synapse (hs2), and the
+scripted federation peer playing a leaky server, a denied server and a server nobody knows.
+Runs a few stories from the scenario corpus and reports what modgud decided, why, which
+server it blames and on what evidence. Leaves nothing running.
 """
 
 from __future__ import annotations
@@ -11,86 +10,92 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from proxy_addons.testbed.scenarios import SCENARIOS, Outcome, Stage, run_scenario
 from proxy_addons.testbed.topology import Topology
 
-VERSION = "12"
+CHAPTERS = ["benign_chat", "knock", "denied_origin_posts", "relayed_leak", "built_on_denied"]
 
 
-def say(text: str) -> None:
+def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _finding(f: dict[str, Any]) -> None:
+    blamed = f["attributed_to"] or "nobody (not attributable yet)"
+    say(f"     {f['action']:<8} {f['rule']:<12} blamed: {blamed}  confidence: {f['confidence']}")
+    if f["event_id"]:
+        say(f"              event {f['event_id']} by {f['sender'] or '-'} via {f['origin'] or '-'}")
+    say(f"              evidence: {f['detail']}")
+
+
+def _chapter(n: int, topo: Topology, outcome: Outcome) -> None:
+    say(f"\n{n}. {outcome.scenario.story}")
+    seen = [
+        e["content"].get("body")
+        for e in topo.alice.messages(outcome.room_id)
+        if e.get("type") == "m.room.message"
+    ]
+    expected = outcome.scenario.expected(topo.mode)
+    for body in expected.reach:
+        say(f"   alice@hs1 sees     {body!r}" if body in seen else f"   MISSING           {body!r}")
+    for body in expected.hidden:
+        say(f"   LEAKED            {body!r}" if body in seen else f"   alice never sees  {body!r}")
+    for role, localpart, _ in expected.members:
+        user_id = Stage(topo, "").user(role, localpart)
+        state = topo.alice.get_state(outcome.room_id, "m.room.member", user_id)
+        say(f"   membership of {user_id}: {(state or {}).get('membership')}")
+    if outcome.findings:
+        say("   modgud:")
+        for f in outcome.findings:
+            _finding(f)
+    else:
+        say("   modgud: nothing to report (no false positive)")
+    for failure in outcome.failures:
+        say(f"   UNEXPECTED: {failure}")
 
 
 def run(workdir: Path) -> int:
     started = time.monotonic()
-    say("modgud demo: starting three real Synapse homeservers and modgud (enforce mode)…")
+    say("modgud demo: starting real Synapse homeservers, the federation peer and modgud…")
+    failures = 0
     with Topology(workdir, mode="enforce") as topo:
-        say(f"  hs1 {topo.hs1.server_name}  behind modgud (federation port {topo.modgud_port})")
-        say(f"  hs2 {topo.hs2.server_name}  a peer the room will deny")
-        say(f"  hs3 {topo.hs3.server_name}  an allowed peer that will relay hs2's event")
-        room_id = topo.alice.create_room(room_version=VERSION, name="modgud demo")
-        say(f"\n1. alice@hs1 creates room {room_id} (room v{VERSION}); bob@hs2 and carol@hs3 join.")
-        for api in (topo.bob, topo.carol):
-            api.join(room_id, via=[topo.hs1.server_name])
-        topo.alice.wait_for(lambda: len(topo.alice.joined_members(room_id)) == 3, timeout=60)
-        topo.bob.send_message(room_id, "hi from bob")
-        topo.carol.send_message(room_id, "hi from carol")
-        ok = topo.alice.wait_for_message(room_id, "hi from bob") and topo.alice.wait_for_message(
-            room_id, "hi from carol"
-        )
         say(
-            f"   benign chat reached hs1: {'yes' if ok else 'NO'}; findings so far: {len(topo.findings(room=room_id))}"
+            f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with the event hook"
         )
-
-        say("\n2. alice sets m.room.server_acl denying 127.0.0.1 (hs2). bob@hs2 keeps talking.")
-        topo.alice.send_state(
-            room_id, "m.room.server_acl", "", {"allow": ["*"], "deny": ["127.0.0.1"]}
+        say(f"  hs2      {topo.hs2.server_name:<22} Synapse, direct")
+        say(
+            f"  leaky    {topo.leaky.name:<22} peer: stays allowed, relays and builds on what it should not"
         )
-        topo.bob.wait_for(lambda: topo.bob.get_state(room_id, "m.room.server_acl"))
-        topo.bob.send_message(room_id, "bob after the ACL")
-        topo.wait_for_findings(lambda r: any(f["rule"] == "acl.origin" for f in r), room=room_id)
+        say(f"  denied   {topo.denied.name:<22} peer: the server the rooms' ACLs deny")
+        say(f"  unknown  {topo.unknown.name:<22} peer: a server nobody has heard of")
 
-        say("\n3. carol's server hs3 relays a message written and signed by hs2 (the leak Synapse")
-        say("   accepts on its own), next to an allowed typing notification.")
-        event_id, pdu = topo.craft_message(
-            room_id, VERSION, topo.hs2, topo.users["bob"], "leaked via hs3"
+        room_id = topo.alice.create_room(room_version="12", name="modgud demo")
+        topo.bob.join(room_id, via=[topo.hs1.server_name])
+        topo.bob.send_message(room_id, "hi from bob@hs2")
+        ok = topo.alice.wait_for_message(room_id, "hi from bob@hs2")
+        say(
+            "\n0. bob@hs2 (a real Synapse) joins alice's room and says hi: "
+            + ("arrives" if ok else "DID NOT ARRIVE")
+            + f"; modgud findings: {len(topo.findings(room=room_id))}"
         )
-        typing = {
-            "edu_type": "m.typing",
-            "content": {"room_id": room_id, "user_id": topo.users["carol"], "typing": True},
-        }
-        topo.send_transaction(topo.hs3, [pdu], [typing])
-        topo.wait_for_findings(lambda r: any(f["event_id"] == event_id for f in r), room=room_id)
-        time.sleep(1.5)
+        failures += 0 if ok else 1
 
-        seen = [
-            e["content"].get("body")
-            for e in topo.alice.messages(room_id)
-            if e["type"] == "m.room.message"
-        ]
-        say("\nWhat alice@hs1 sees in the room:")
-        for body in reversed(seen):
-            say(f"   · {body}")
-        say("\nWhat modgud decided (modgud findings):")
-        for f in topo.findings(room=room_id):
-            say(
-                f"   {f['action']:<8} {f['rule']:<11} blamed: {f['attributed_to'] or '-'}  confidence: {f['confidence']}"
-            )
-            say(
-                f"            event {f['event_id']} from {f['sender'] or '-'} via {f['origin'] or '-'}"
-            )
-            say(f"            why: {f['detail']}")
-        leaked = "leaked via hs3" in seen or "bob after the ACL" in seen
-        say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, e.g.:")
+        by_name = {s.name: s for s in SCENARIOS}
+        for n, name in enumerate(CHAPTERS, 1):
+            outcome = run_scenario(topo, by_name[name], settle=1.0)
+            _chapter(n, topo, outcome)
+            failures += len(outcome.failures)
+
+        say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, among them:")
         for line in topo.metrics_text().splitlines():
             if line.startswith(("modgud_findings_total", "modgud_hook_calls_total")):
                 say(f"   {line}")
-        say(
-            f"\nFindings database: {topo.database} (read it with: modgud findings --db {topo.database})"
-        )
-    say(f"Everything stopped. Demo took {time.monotonic() - started:.0f} s.")
-    if leaked:
-        say("UNEXPECTED: a refused event reached hs1's users.")
+        say(f"\nAll findings: modgud findings --db {topo.database}")
+    say(f"Everything stopped. The demo took {time.monotonic() - started:.0f} s.")
+    if failures:
+        say(f"UNEXPECTED: {failures} expectation(s) not met (see above).")
         return 1
     return 0
 
@@ -98,8 +103,7 @@ def run(workdir: Path) -> int:
 def main() -> int:
     keep = Path("run/demo")
     keep.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="demo-", dir=keep))
-    return run(workdir)
+    return run(Path(tempfile.mkdtemp(prefix="demo-", dir=keep)))
 
 
 if __name__ == "__main__":
