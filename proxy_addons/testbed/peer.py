@@ -36,7 +36,12 @@ from aiohttp import web
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 
-from rules.eventhash import compute_event_id, compute_reference_hash, encode_unpadded_base64
+from rules.eventhash import (
+    compute_event_id,
+    compute_reference_hash,
+    compute_room_id_v12,
+    encode_unpadded_base64,
+)
 from rules.roomversion import EventFormat, RoomVersion, get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
@@ -320,6 +325,16 @@ class FederationPeer:
         room = self.rooms.get(args[0]) if args else None
         if room is None:
             return 404, {"errcode": "M_NOT_FOUND", "error": "unknown room"}
+        if name == "make_join" and len(args) > 1:
+            versions = query.getall("ver") if hasattr(query, "getall") else []
+            if room.version.identifier not in versions:
+                return 400, {"errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "version"}
+            return 200, {
+                "room_version": room.version.identifier,
+                "event": self._template(room, server, args[1]),
+            }
+        if name == "send_join" and len(args) > 1 and isinstance(body, dict):
+            return 200, self._accept_join(room, server, body, v1=parts[2] == "v1")
         if name == "get_missing_events":
             body = body if isinstance(body, dict) else {}
             latest = _ids(body.get("latest_events"))
@@ -348,6 +363,107 @@ class FederationPeer:
         if name == "event_auth" and len(args) > 1:
             return 200, {"auth_chain": room.auth_chain([args[1]])}
         return 404, _unrecognized()
+
+    def _template(self, room: PeerRoom, server: PeerServer, user_id: str) -> dict[str, Any]:
+        """make_join's answer: an unsigned join for `user_id` on the room's tips."""
+        content = {"membership": "join"}
+        auths = self._auth_events(room, user_id, "m.room.member", user_id, content)
+        template: dict[str, Any] = {
+            "room_id": room.room_id,
+            "sender": user_id,
+            "type": "m.room.member",
+            "state_key": user_id,
+            "content": content,
+            "origin_server_ts": int(time.time() * 1000),
+            "depth": max((room.depth(p) for p in room.extremities), default=0) + 1,
+            "prev_events": self._refs(room, list(room.extremities[-10:])),
+            "auth_events": self._refs(room, auths),
+        }
+        if room.version.event_format is EventFormat.V1:
+            template["origin"] = server.name
+        return template
+
+    def _accept_join(
+        self, room: PeerRoom, server: PeerServer, event: dict[str, Any], *, v1: bool
+    ) -> Any:
+        """send_join: the room's state before the join, its auth chain, the join itself."""
+        state = [room.events[i] for i in room.state.values()]
+        event_id = self.event_id_of(room, event)
+        room.add(event_id, event)
+        answer = {
+            "origin": server.name,
+            "state": state,
+            "auth_chain": room.auth_chain([self.event_id_of(room, e) for e in state] + [event_id]),
+            "event": event,
+            "members_omitted": False,
+            "servers_in_room": sorted(
+                {
+                    str(e["state_key"]).split(":", 1)[1]
+                    for e in state
+                    if e.get("type") == "m.room.member"
+                }
+            ),
+        }
+        return [200, answer] if v1 else answer
+
+    def create_room(self, server: PeerServer, creator: str, version_id: str = "10") -> str:
+        """A room the peer hosts (so the homeserver joins it through the peer and later
+        backfills from it): create, the creator's join, power levels, public join rules,
+        shared history."""
+        version = get_room_version(version_id)
+        if version is None:
+            raise PeerError(f"room version {version_id} unknown to rules/")
+        create: dict[str, Any] = {
+            "sender": creator,
+            "type": "m.room.create",
+            "state_key": "",
+            "content": {"room_version": version_id},
+            "origin_server_ts": int(time.time() * 1000),
+            "depth": 1,
+            "prev_events": [],
+            "auth_events": [],
+        }
+        if not version.implicit_room_creator:
+            create["content"]["creator"] = creator
+        if version.room_ids_as_hashes:
+            room_id = compute_room_id_v12(create)
+        else:
+            room_id = f"!{secrets.token_urlsafe(12)}:{server.name}"
+            create["room_id"] = room_id
+        if version.event_format is EventFormat.V1:
+            create["event_id"] = f"${secrets.token_urlsafe(12)}:{server.name}"
+            create["origin"] = server.name
+        with self._lock:
+            room = self.rooms[room_id] = PeerRoom(room_id, version)
+            signed = sign_event(create, version, server.name, server.signing_key)
+            room.add(self.event_id_of(room, signed), signed)
+            self.build_event(
+                room_id, server, creator, "m.room.member", {"membership": "join"}, state_key=creator
+            )
+            levels = {
+                "users": {creator: 100},
+                "users_default": 0,
+                "events_default": 0,
+                "state_default": 50,
+                "ban": 50,
+                "kick": 50,
+                "redact": 50,
+                "invite": 0,
+                "events": {},
+            }
+            self.build_event(room_id, server, creator, "m.room.power_levels", levels, state_key="")
+            self.build_event(
+                room_id, server, creator, "m.room.join_rules", {"join_rule": "public"}, state_key=""
+            )
+            self.build_event(
+                room_id,
+                server,
+                creator,
+                "m.room.history_visibility",
+                {"history_visibility": "shared"},
+                state_key="",
+            )
+        return room_id
 
     def _notary_answer(self, parts: list[str], body: Any) -> dict[str, Any]:
         if len(parts) > 4:

@@ -242,6 +242,25 @@ def _built_on_denied(stage: Stage) -> None:
     )
 
 
+def _served_in_backfill(stage: Stage) -> None:
+    """A room the leaky server hosts denies denied.test from the start, yet the leaky
+    server let the denied server in and keeps its messages in the history. alice joins
+    through the leaky server; paginating back makes hs1 backfill that history from it."""
+    leaky, denied = stage.peer_server("leaky"), stage.peer_server("denied")
+    host, dee = leaky.user("host"), denied.user("dee")
+    stage.room_id = stage.peer.create_room(leaky, host, stage.room_version)
+    acl = {"allow": ["*"], "deny": [denied.name]}
+    stage.peer.build_event(stage.room_id, leaky, host, "m.room.server_acl", acl, state_key="")
+    stage.peer.build_event(
+        stage.room_id, denied, dee, "m.room.member", {"membership": "join"}, state_key=dee
+    )
+    stage.message("leaky", host, "history 1")
+    stage.message("denied", dee, "history from the denied server")
+    stage.message("leaky", host, "history 2")
+    stage.topo.alice.join(stage.room_id, via=[leaky.name])
+    stage.topo.alice.messages(stage.room_id)  # paginating back: hs1 backfills from the peer
+
+
 def _bad_signatures(stage: Stage) -> None:
     stage.open_room()
     lee = stage.join("leaky", "lee")
@@ -435,6 +454,20 @@ SCENARIOS: list[Scenario] = [
         ),
         audit=Expected(
             reach=("built on it", "pulled from the leaky server"), findings=(("acl.sender", None),)
+        ),
+    ),
+    Scenario(
+        "served_in_backfill",
+        "hs1 joins a room the leaky server hosts and backfills history holding the denied server's events",
+        _served_in_backfill,
+        enforce=Expected(
+            reach=("history 1", "history 2"),
+            hidden=("history from the denied server",),
+            findings=(("acl.sender", None),),
+        ),
+        audit=Expected(
+            reach=("history 1", "history 2", "history from the denied server"),
+            findings=(("acl.sender", None),),
         ),
     ),
     Scenario(
