@@ -68,7 +68,9 @@ class Enforcer:
         outcome = "forwarded"
         try:
             if endpoint.cls in _AUTHENTICATED:
-                if not await self._authenticate(runtime, flow, state):
+                if len(request_body(flow)) > runtime.config.max_body_bytes:
+                    outcome = self._refuse_oversized(runtime, flow, state)
+                elif not await self._authenticate(runtime, flow, state):
                     outcome = "unauthenticated"
                 elif endpoint.cls is EndpointClass.SEND and flow.request.method == "PUT":
                     outcome = await self._check_send(runtime, flow, state)
@@ -204,21 +206,25 @@ class Enforcer:
             json_response(flow, 401, {"errcode": "M_UNAUTHORIZED", "error": error})
             state.answered_locally = True
 
+    def _refuse_oversized(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> str:
+        """Over max_body_bytes: refused before anything parses it, X-Matrix included (its
+        verification needs the body), so the claimed origin is not blamed."""
+        size, limit = len(request_body(flow)), runtime.config.max_body_bytes
+        finding = Finding(
+            Rule.MALFORMED_REQUEST,
+            Severity.WARNING,
+            f"{state.endpoint.name} body of {size} bytes is over the {limit}-byte limit",
+            origin=state.auth.origin if state.auth else None,
+            confidence=Confidence.LOW,
+        )
+        return self._refuse_request(runtime, flow, state, finding, 413, "M_TOO_LARGE")
+
     async def _check_send(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> str:
         config = runtime.config
         assert state.auth is not None
         origin = state.auth.origin
         txn_id = state.endpoint.txn_id or ""
         body = request_body(flow)
-        if len(body) > config.max_body_bytes:
-            finding = Finding(
-                Rule.MALFORMED_REQUEST,
-                Severity.WARNING,
-                f"transaction body of {len(body)} bytes is over the {config.max_body_bytes}-byte limit",
-                origin=origin,
-                attributed_to=origin,
-            )
-            return self._refuse_request(runtime, flow, state, finding, 413, "M_TOO_LARGE")
         txn = parse_transaction(body, txn_id, origin)
         if txn.error is not None:
             return self._refuse_request(runtime, flow, state, txn.error, 400, "M_BAD_JSON")

@@ -233,3 +233,27 @@ async def test_event_fetch_by_denied_origin_answered_403(make_runtime):
     assert [(r["rule"], r["action"], r["endpoint"], r["event_id"]) for r in rows] == [
         ("acl.origin", "rejected", "event", "$abc")
     ]
+
+
+async def test_oversized_body_refused_before_any_parsing(make_runtime, monkeypatch):
+    """Over max_body_bytes: 413 in enforce without parsing the body (not even for the
+    X-Matrix check), and the claimed origin is not blamed."""
+    import proxy_addons.enforcer as enforcer_module
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the oversized body was parsed")
+
+    monkeypatch.setattr(enforcer_module, "parse_json_body", no_parsing)
+    monkeypatch.setattr(enforcer_module, "parse_transaction", no_parsing)
+    holder = make_runtime(verify_signatures=True)
+    big = [pdu("@a:good.test", body="x" * 60_000) for _ in range(250)]  # ~15 MB
+    flow = send_flow("good.test", big)
+    await run(holder, flow)
+    assert flow.response.status_code == 413
+    assert json.loads(flow.response.content)["errcode"] == "M_TOO_LARGE"
+    (row,) = findings(holder)
+    assert (row["rule"], row["origin"], row["attributed_to"]) == (
+        "malformed.request",
+        "good.test",
+        None,
+    )
