@@ -236,7 +236,7 @@ class Enforcer:
             verdict = await self._check_signatures(runtime, txn, rooms, verdict)
         state.verdict = verdict
         for pdu in txn.pdus:
-            if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key == "":
+            if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
                 state.stale_rooms.add(pdu.room_id)
         for item in verdict.pdus:
             if item.event_id is None or any(

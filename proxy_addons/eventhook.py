@@ -45,7 +45,7 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
     room_id = event.get("room_id")
     if (
         event.get("type") in RELEVANT_STATE_TYPES
-        and event.get("state_key") == ""
+        and isinstance(event.get("state_key"), str)
         and isinstance(room_id, str)
     ):
         runtime.mark_stale(room_id)

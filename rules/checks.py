@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from rules.acl import check_server_acl
 from rules.eventhash import compute_event_id
 from rules.federation import Edu, Pdu, Transaction, edu_rooms, edu_users
 from rules.findings import Confidence, Decision, Finding, Rule, Severity
-from rules.roomstate import RoomPolicy
+from rules.policy import NO_POLICY, Barrier, OperatorPolicy, authorise_server
+from rules.roomstate import KNOCK_TYPES, RoomPolicy
 from rules.servername import server_of_user
 from rules.signatures import SignatureCheck
 
@@ -129,29 +129,138 @@ def _event_id(pdu: Pdu, policy: RoomPolicy) -> str | None:
         return None
 
 
-def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> ItemVerdict:
-    """Check one PDU delivered by `origin` against its room's policy."""
-    policy = rooms.get(pdu.room_id)
-    if isinstance(policy, StateUnavailable):
+_ORIGIN_RULES = {
+    Barrier.ACL: Rule.ACL_ORIGIN,
+    Barrier.POLICY: Rule.POLICY_ORIGIN,
+    Barrier.PARTICIPATION: Rule.PARTICIPATION_ORIGIN,
+}
+_SENDER_RULES = {
+    Barrier.ACL: Rule.ACL_SENDER,
+    Barrier.POLICY: Rule.POLICY_SENDER,
+    Barrier.PARTICIPATION: Rule.PARTICIPATION_SENDER,
+}
+_SERVER_RULES = frozenset({*_ORIGIN_RULES.values(), *_SENDER_RULES.values()})
+# Findings that refuse the event; the others (unknown room version) only inform.
+REFUSING_RULES = frozenset(
+    {*_ORIGIN_RULES.values(), *_SENDER_RULES.values(), Rule.POLICY_USER, Rule.RESTRICTED_JOIN}
+)
+
+
+def _is_own_knock(event_type: str, state_key: str | None, server: str) -> bool:
+    """An MSC4124 m.server.knock by the server it names: how a server asks to take part."""
+    return (
+        event_type in KNOCK_TYPES and state_key is not None and state_key.lower() == server.lower()
+    )
+
+
+def check_restricted_join(
+    event: Mapping[str, object], room: RoomPolicy, policy: OperatorPolicy = NO_POLICY
+) -> str | None:
+    """Why a join authorised through `join_authorised_via_users_server` (MSC3083) must be
+    refused, or None: the authoriser's server must have signed it, the authoriser must be
+    joined with at least the invite level now, and their server must be allowed here."""
+    content = event.get("content")
+    if event.get("type") != "m.room.member" or not isinstance(content, Mapping):
+        return None
+    if content.get("membership") != "join" or "join_authorised_via_users_server" not in content:
+        return None
+    via = content.get("join_authorised_via_users_server")
+    via_server = server_of_user(via)
+    if via_server is None or not isinstance(via, str):
+        return "join_authorised_via_users_server is not a user ID"
+    signatures = event.get("signatures")
+    signed = signatures.get(via_server) if isinstance(signatures, Mapping) else None
+    if not isinstance(signed, Mapping) or not signed:
+        return f"join authorised by {via} is not signed by {via_server}"
+    if via not in room.joined:
+        return f"join authorised by {via}, who is not joined to the room"
+    if room.power.of(via) < room.power.invite:
+        return (
+            f"join authorised by {via}, whose power level {room.power.of(via):g} is below "
+            f"the invite level {room.power.invite}"
+        )
+    refusal = authorise_server(via_server, room, policy)
+    if refusal is not None:
+        return f"join authorised by {via} of {via_server}: {refusal.reason}"
+    return None
+
+
+def _servers_refusals(
+    pdu: Pdu, origin: str, room: RoomPolicy, policy: OperatorPolicy
+) -> list[tuple[Rule, Severity, Confidence, str]]:
+    knocking = _is_own_knock(pdu.event_type, pdu.state_key, pdu.sender_server)
+    refusal = authorise_server(
+        origin, room, policy, knocking=knocking and origin == pdu.sender_server
+    )
+    if refusal is not None:
+        rule = _ORIGIN_RULES[refusal.barrier]
+        return [
+            (
+                rule,
+                Severity.WARNING,
+                Confidence.HIGH,
+                f"delivering server {origin}: {refusal.reason}",
+            )
+        ]
+    if pdu.sender_server == origin:
+        return []
+    refusal = authorise_server(pdu.sender_server, room, policy, knocking=knocking)
+    if refusal is None:
+        return []
+    detail = f"event written by {pdu.sender_server} ({refusal.reason}) relayed by {origin}"
+    return [(_SENDER_RULES[refusal.barrier], Severity.HIGH, Confidence.MEDIUM, detail)]
+
+
+def _event_refusals(
+    pdu: Pdu, room: RoomPolicy, policy: OperatorPolicy
+) -> list[tuple[Rule, Severity, Confidence, str]]:
+    """Checks of the event itself, beyond the servers: user bans and restricted joins."""
+    out: list[tuple[Rule, Severity, Confidence, str]] = []
+    if len(policy.bans) and policy.bans.bans_user(pdu.sender):
+        out.append(
+            (
+                Rule.POLICY_USER,
+                Severity.HIGH,
+                Confidence.HIGH,
+                f"{pdu.sender} is banned by a policy list",
+            )
+        )
+    if pdu.event_type == "m.room.member":
+        why = check_restricted_join(pdu.event, room, policy)
+        if why is not None:
+            out.append((Rule.RESTRICTED_JOIN, Severity.HIGH, Confidence.MEDIUM, why))
+    return out
+
+
+def check_pdu(
+    pdu: Pdu,
+    origin: str,
+    rooms: RoomLookup,
+    *,
+    fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
+    servers_checked: bool = False,
+) -> ItemVerdict:
+    """Check one PDU delivered by `origin` against its room's state and the operator's
+    policy. `servers_checked`: origin and author already passed for this room."""
+    room = rooms.get(pdu.room_id)
+    if isinstance(room, StateUnavailable):
         return _unavailable(pdu.position, fail_open, pdu.room_id, origin)
-    if policy is None:
+    if room is None:
         # The homeserver does not know the room: no policy to apply, it decides itself.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
-    origin_acl = check_server_acl(policy.acl, origin)
-    sender_acl = origin_acl
-    if origin_acl.allowed and pdu.sender_server != origin:
-        sender_acl = check_server_acl(policy.acl, pdu.sender_server)
-    if sender_acl.allowed:
+    refusals = [] if servers_checked else _servers_refusals(pdu, origin, room, policy)
+    refusals += _event_refusals(pdu, room, policy)
+    if not refusals:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
-    event_id: str | None = None
-    findings: list[Finding] = []
+    event_id = _event_id(pdu, room)
 
     def finding(
         rule: Rule,
         severity: Severity,
         detail: str,
-        confidence: Confidence = Confidence.HIGH,
+        confidence: Confidence,
         attributed_to: str | None = origin,
     ) -> Finding:
         return Finding(
@@ -168,20 +277,9 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
             confidence=confidence,
         )
 
-    if not origin_acl.allowed:
-        findings.append(
-            finding(
-                Rule.ACL_ORIGIN,
-                Severity.WARNING,
-                f"delivering server {origin}: {origin_acl.reason}",
-            )
-        )
-    else:
-        detail = f"event written by {pdu.sender_server} ({sender_acl.reason}) relayed by {origin}"
-        findings.append(finding(Rule.ACL_SENDER, Severity.HIGH, detail, Confidence.MEDIUM))
-    event_id = _event_id(pdu, policy)
-    if event_id is None and policy.room_version is None:
-        version = policy.room_version_id[:50]
+    findings = [finding(rule, sev, detail, conf) for rule, sev, conf, detail in refusals]
+    if event_id is None and room.room_version is None:
+        version = room.room_version_id[:50]
         findings.append(
             finding(
                 Rule.UNKNOWN_ROOM_VERSION,
@@ -191,8 +289,7 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
                 attributed_to=None,
             )
         )
-    findings = [replace(f, event_id=event_id) for f in findings]
-    refuse = any(f.rule in (Rule.ACL_ORIGIN, Rule.ACL_SENDER) for f in findings)
+    refuse = any(f.rule in REFUSING_RULES for f in findings)
     return ItemVerdict(
         pdu.position,
         Decision.REFUSE if refuse else Decision.ALLOW,
@@ -202,9 +299,24 @@ def check_pdu(pdu: Pdu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
     )
 
 
-def check_edu(edu: Edu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> ItemVerdict:
-    """Check one EDU: users it names must be the origin's (spec: EDU types), and typing
-    and receipts are subject to the room's ACL for the origin (MSC4163)."""
+_EDU_RULES = {
+    Barrier.ACL: Rule.ACL_EDU,
+    Barrier.POLICY: Rule.POLICY_ORIGIN,
+    Barrier.PARTICIPATION: Rule.PARTICIPATION_ORIGIN,
+}
+
+
+def check_edu(
+    edu: Edu,
+    origin: str,
+    rooms: RoomLookup,
+    *,
+    fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
+) -> ItemVerdict:
+    """Check one EDU: users it names must be the origin's (spec: EDU types), and EDUs for
+    a room (typing, receipts: MSC4163) are subject to the origin's authorisation there.
+    An m.server.knock EDU is exempt from participation: it is how a server asks for it."""
     findings: list[Finding] = []
     for user in edu_users(edu):
         server = server_of_user(user)
@@ -223,53 +335,65 @@ def check_edu(edu: Edu, origin: str, rooms: RoomLookup, *, fail_open: bool) -> I
                 )
             )
             break
+    knocking = edu.edu_type in KNOCK_TYPES
     for room_id in edu_rooms(edu):
-        policy = rooms.get(room_id)
-        if isinstance(policy, StateUnavailable):
+        room = rooms.get(room_id)
+        if isinstance(room, StateUnavailable):
             if not fail_open:
                 return _unavailable(edu.position, fail_open, room_id, origin)
             continue
-        if policy is None:
+        if room is None:
             continue
-        decision = check_server_acl(policy.acl, origin)
-        if not decision.allowed:
+        refusal = authorise_server(origin, room, policy, knocking=knocking)
+        if refusal is not None:
             findings.append(
                 Finding(
-                    Rule.ACL_EDU,
+                    _EDU_RULES[refusal.barrier],
                     Severity.WARNING,
-                    f"{edu.edu_type} EDU from {origin}: {decision.reason}",
+                    f"{edu.edu_type} EDU from {origin}: {refusal.reason}",
                     room_id=room_id,
                     event_type=edu.edu_type,
                     origin=origin,
                     attributed_to=origin,
                 )
             )
-    room = next(iter(edu_rooms(edu)), None)
+    room_of_edu = next(iter(edu_rooms(edu)), None)
     return ItemVerdict(
-        edu.position, Decision.REFUSE if findings else Decision.ALLOW, tuple(findings), room_id=room
+        edu.position,
+        Decision.REFUSE if findings else Decision.ALLOW,
+        tuple(findings),
+        room_id=room_of_edu,
     )
 
 
 def check_transaction(
-    txn: Transaction, rooms: RoomLookup, *, fail_open: bool
+    txn: Transaction,
+    rooms: RoomLookup,
+    *,
+    fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
 ) -> TransactionVerdict:
     """Check every item of a parsed transaction; the caller has checked `txn.error`."""
     origin = txn.origin or ""
-    # A transaction's PDUs mostly share a room and an author: an allowed (room, author)
-    # pair is decided once per transaction, not once per PDU.
-    allowed: set[tuple[str, str]] = set()
+    # A transaction's PDUs mostly share a room and an author: whether both servers may
+    # take part is decided once per (room, author server) and transaction.
+    servers_ok: set[tuple[str, str]] = set()
     pdus: list[ItemVerdict] = []
     for pdu in txn.pdus:
         key = (pdu.room_id, pdu.sender_server)
-        if key in allowed:
+        checked = key in servers_ok
+        if checked and not len(policy.bans) and pdu.event_type != "m.room.member":
             pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
             continue
-        item = check_pdu(pdu, origin, rooms, fail_open=fail_open)
-        if item.decision is Decision.ALLOW and not item.findings:
-            allowed.add(key)
+        item = check_pdu(
+            pdu, origin, rooms, fail_open=fail_open, policy=policy, servers_checked=checked
+        )
+        if not checked and not any(f.rule in _SERVER_RULES for f in item.findings):
+            if not isinstance(rooms.get(pdu.room_id), StateUnavailable):
+                servers_ok.add(key)
         pdus.append(item)
     pdus.extend(ItemVerdict(-1, Decision.REFUSE, (f,)) for f in txn.bad_pdus)
-    edus = [check_edu(edu, origin, rooms, fail_open=fail_open) for edu in txn.edus]
+    edus = [check_edu(edu, origin, rooms, fail_open=fail_open, policy=policy) for edu in txn.edus]
     edus.extend(ItemVerdict(-1, Decision.REFUSE, (f,)) for f in txn.bad_edus)
     return TransactionVerdict(tuple(pdus), tuple(edus), txn.warnings)
 
@@ -277,22 +401,25 @@ def check_transaction(
 def check_request_origin(
     origin: str,
     room_id: str,
-    policy: RoomPolicy | None | StateUnavailable,
+    room: RoomPolicy | None | StateUnavailable,
     endpoint: str,
     *,
     fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
 ) -> ItemVerdict:
     """Room-data endpoints (make_join, send_join, state, backfill, …) MUST refuse a
-    denied origin with 403 (spec: Server-Server API, "Server Access Control Lists")."""
-    if isinstance(policy, StateUnavailable):
+    denied origin with 403 (spec: Server-Server API, "Server Access Control Lists");
+    modgud refuses servers its policy lists ban and, where participation applies, servers
+    not permitted, telling them to knock."""
+    if isinstance(room, StateUnavailable):
         return _unavailable(0, fail_open, room_id, origin)
-    decision = check_server_acl(policy.acl if policy else None, origin)
-    if decision.allowed:
+    refusal = authorise_server(origin, room, policy)
+    if refusal is None:
         return ItemVerdict(0, Decision.ALLOW, room_id=room_id)
     finding = Finding(
-        Rule.ACL_ORIGIN,
+        _ORIGIN_RULES[refusal.barrier],
         Severity.WARNING,
-        f"{endpoint} from {origin}: {decision.reason}",
+        f"{endpoint} from {origin}: {refusal.reason}",
         room_id=room_id,
         origin=origin,
         attributed_to=origin,
@@ -302,20 +429,22 @@ def check_request_origin(
 
 def check_event(
     event: Mapping[str, object],
-    policy: RoomPolicy | None | StateUnavailable,
+    room: RoomPolicy | None | StateUnavailable,
     local_server: str,
     *,
     fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
 ) -> ItemVerdict:
     """The event hook's own evaluation of an event the edge never saw (one the homeserver
-    pulled, or a local one): is its author's server allowed in the room?"""
+    pulled, or a local one): may its author's server take part, is its author banned, is
+    a restricted join honestly authorised?"""
     sender = event.get("sender")
     event_id = event.get("event_id")
     room_id = event.get("room_id")
     eid = event_id if isinstance(event_id, str) else None
     rid = room_id if isinstance(room_id, str) else None
     server = server_of_user(sender)
-    if server is None:
+    if server is None or not isinstance(sender, str):
         finding = Finding(
             Rule.MALFORMED_PDU,
             Severity.WARNING,
@@ -326,24 +455,42 @@ def check_event(
         return ItemVerdict(0, Decision.ALLOW, (finding,), eid, rid)
     if server == local_server:
         return ItemVerdict(0, Decision.ALLOW, event_id=eid, room_id=rid)
-    if isinstance(policy, StateUnavailable):
+    if isinstance(room, StateUnavailable):
         return _unavailable(0, fail_open, rid or "", server, eid)
-    decision = check_server_acl(policy.acl if policy else None, server)
-    if decision.allowed:
-        return ItemVerdict(0, Decision.ALLOW, event_id=eid, room_id=rid)
     event_type = event.get("type")
-    finding = Finding(
-        Rule.ACL_SENDER,
-        Severity.HIGH,
-        f"event written by {server}: {decision.reason} (not seen at the edge: pulled or relayed)",
-        room_id=rid,
-        event_id=eid,
-        event_type=event_type if isinstance(event_type, str) else None,
-        sender=sender if isinstance(sender, str) else None,
-        sender_server=server,
-        confidence=Confidence.LOW,
+    state_key = event.get("state_key")
+    knocking = isinstance(event_type, str) and _is_own_knock(
+        event_type, state_key if isinstance(state_key, str) else None, server
     )
-    return ItemVerdict(0, Decision.REFUSE, (finding,), eid, rid)
+    reasons: list[tuple[Rule, str]] = []
+    refusal = authorise_server(server, room, policy, knocking=knocking)
+    if refusal is not None:
+        reasons.append(
+            (_SENDER_RULES[refusal.barrier], f"event written by {server}: {refusal.reason}")
+        )
+    if len(policy.bans) and policy.bans.bans_user(sender):
+        reasons.append((Rule.POLICY_USER, f"{sender} is banned by a policy list"))
+    if room is not None:
+        why = check_restricted_join(event, room, policy)
+        if why is not None:
+            reasons.append((Rule.RESTRICTED_JOIN, why))
+    if not reasons:
+        return ItemVerdict(0, Decision.ALLOW, event_id=eid, room_id=rid)
+    findings = tuple(
+        Finding(
+            rule,
+            Severity.HIGH,
+            f"{detail} (not seen at the edge: pulled or relayed)",
+            room_id=rid,
+            event_id=eid,
+            event_type=event_type if isinstance(event_type, str) else None,
+            sender=sender,
+            sender_server=server,
+            confidence=Confidence.LOW,
+        )
+        for rule, detail in reasons
+    )
+    return ItemVerdict(0, Decision.REFUSE, findings, eid, rid)
 
 
 def with_signature_check(
@@ -359,7 +506,7 @@ def with_signature_check(
         if pdu.sender_server not in check.verified_servers:
             return item
         findings = tuple(
-            replace(f, confidence=Confidence.HIGH) if f.rule is Rule.ACL_SENDER else f
+            replace(f, confidence=Confidence.HIGH) if f.rule in _SENDER_RULES.values() else f
             for f in item.findings
         )
         return item._replace(findings=findings)

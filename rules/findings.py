@@ -36,6 +36,12 @@ class Rule(enum.StrEnum):
     ACL_ORIGIN = "acl.origin"  # the delivering server is denied by the room's ACL
     ACL_SENDER = "acl.sender"  # the event's author's server is denied (the leak)
     ACL_EDU = "acl.edu"  # a typing/receipt EDU for a room whose ACL denies the origin
+    PARTICIPATION_ORIGIN = "participation.origin"  # delivering server not permitted (MSC4099)
+    PARTICIPATION_SENDER = "participation.sender"  # author's server not permitted
+    POLICY_ORIGIN = "policy.origin"  # delivering server banned by a policy list
+    POLICY_SENDER = "policy.sender"  # author's server banned by a policy list
+    POLICY_USER = "policy.user"  # author banned by a policy list (m.policy.rule.user)
+    RESTRICTED_JOIN = "join.restricted"  # MSC3083 join authorised by someone who cannot
     EDU_IMPERSONATION = "edu.impersonation"  # an EDU naming a user of another server
     MALFORMED_REQUEST = "malformed.request"  # body not JSON, wrong shape, over the limits
     MALFORMED_PDU = "malformed.pdu"

@@ -8,15 +8,81 @@ any state event it likes. This module only turns state the homeserver returned i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rules.acl import ServerAcl
 from rules.roomversion import RoomVersion, get_room_version, room_version_of_create
 
-__all__ = ["RELEVANT_STATE_TYPES", "RoomPolicy", "room_policy_from_state"]
+__all__ = [
+    "KNOCK_RULE_TYPES",
+    "KNOCK_TYPES",
+    "PARTICIPATION_TYPES",
+    "RELEVANT_STATE_TYPES",
+    "PowerLevels",
+    "RoomPolicy",
+    "room_policy_from_state",
+]
+
+# MSC4099/MSC4124 server participation, with MSC4124's unstable prefix (`me.marewolf.msc4124.`
+# in place of `m.`).
+PARTICIPATION_TYPES = frozenset(
+    {"m.server.participation", "me.marewolf.msc4124.server.participation"}
+)
+KNOCK_RULE_TYPES = frozenset({"m.server.knock_rule", "me.marewolf.msc4124.server.knock_rule"})
+KNOCK_TYPES = frozenset({"m.server.knock", "me.marewolf.msc4124.server.knock"})
 
 # State events whose arrival makes a cached RoomPolicy stale.
-RELEVANT_STATE_TYPES = frozenset({"m.room.create", "m.room.server_acl"})
+RELEVANT_STATE_TYPES = frozenset(
+    {
+        "m.room.create",
+        "m.room.server_acl",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.member",
+        "m.space.child",
+    }
+    | PARTICIPATION_TYPES
+    | KNOCK_RULE_TYPES
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PowerLevels:
+    """What the checks need of m.room.power_levels (spec defaults when absent)."""
+
+    users: Mapping[str, int] = field(default_factory=dict)
+    users_default: int = 0
+    invite: int = 0
+    creators: frozenset[str] = frozenset()  # v12 (MSC4289): creators outrank everyone
+
+    def of(self, user_id: str) -> float:
+        if user_id in self.creators:
+            return float("inf")
+        return self.users.get(user_id, self.users_default)
+
+    @classmethod
+    def from_content(cls, content: object, creators: frozenset[str]) -> PowerLevels:
+        c = content if isinstance(content, Mapping) else {}
+        users = c.get("users")
+        return cls(
+            {u: _int(v, 0) for u, v in users.items() if isinstance(u, str)}
+            if isinstance(users, Mapping)
+            else {},
+            _int(c.get("users_default"), 0),
+            _int(c.get("invite"), 0),
+            creators,
+        )
+
+
+def _int(value: object, default: int) -> int:
+    """Power levels may be strings of digits in old room versions (spec, v1-v9)."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +92,17 @@ class RoomPolicy:
     room_version: RoomVersion | None  # None: a version modgud does not know
     acl: ServerAcl | None  # None: the room has no m.room.server_acl
     acl_event_id: str | None = None
+    # server name → "permitted" | "deny" (MSC4099's "denied" is read as "deny")
+    participation: Mapping[str, str] = field(default_factory=dict)
+    knock_rule: str | None = None  # MSC4124: "deny" | "passive" | "active"
+    power: PowerLevels = field(default_factory=PowerLevels)
+    joined: frozenset[str] = frozenset()
+    space_children: tuple[str, ...] = ()  # m.space.child state keys whose content has `via`
+
+    @property
+    def participation_enforced(self) -> bool:
+        """The room opted in through its own state (MSC4124 knock rule active or deny)."""
+        return self.knock_rule in ("active", "deny")
 
 
 def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
@@ -33,14 +110,68 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
     version_id = "1"
     acl: ServerAcl | None = None
     acl_event_id: str | None = None
+    participation: dict[str, str] = {}
+    knock_rule: str | None = None
+    power_content: object = None
+    joined: set[str] = set()
+    children: list[str] = []
+    creators: set[str] = set()
     for event in state:
-        if not isinstance(event, Mapping) or event.get("state_key") != "":
+        if not isinstance(event, Mapping):
             continue
         event_type = event.get("type")
+        state_key = event.get("state_key")
+        content = event.get("content")
+        content = content if isinstance(content, Mapping) else {}
+        if not isinstance(state_key, str) or not isinstance(event_type, str):
+            continue
+        if event_type == "m.room.member":
+            if content.get("membership") == "join":
+                joined.add(state_key)
+            continue
+        if event_type in PARTICIPATION_TYPES:
+            value = content.get("participation")
+            if value == "denied":
+                value = "deny"
+            if value in ("permitted", "deny"):
+                participation[state_key.lower()] = str(value)
+            continue
+        if event_type == "m.space.child":
+            via = content.get("via")
+            if isinstance(via, list) and via:
+                children.append(state_key)
+            continue
+        if state_key != "":
+            continue
         if event_type == "m.room.create":
-            version_id = room_version_of_create(event.get("content"))
+            version_id = room_version_of_create(content)
+            sender = event.get("sender")
+            if isinstance(sender, str):
+                creators.add(sender)
+            extra = content.get("additional_creators")
+            if isinstance(extra, list):
+                creators.update(u for u in extra if isinstance(u, str))
         elif event_type == "m.room.server_acl":
-            acl = ServerAcl.from_content(event.get("content"))
+            acl = ServerAcl.from_content(content)
             eid = event.get("event_id")
             acl_event_id = eid if isinstance(eid, str) else None
-    return RoomPolicy(room_id, version_id, get_room_version(version_id), acl, acl_event_id)
+        elif event_type == "m.room.power_levels":
+            power_content = content
+        elif event_type in KNOCK_RULE_TYPES:
+            rule = content.get("rule")
+            knock_rule = rule if isinstance(rule, str) else None
+    version = get_room_version(version_id)
+    # Only v12 (MSC4289) gives creators power above any level.
+    room_creators = frozenset(creators) if version and version.room_ids_as_hashes else frozenset()
+    return RoomPolicy(
+        room_id,
+        version_id,
+        version,
+        acl,
+        acl_event_id,
+        participation,
+        knock_rule,
+        PowerLevels.from_content(power_content, room_creators),
+        frozenset(joined),
+        tuple(children),
+    )

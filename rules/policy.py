@@ -1,0 +1,142 @@
+"""Server authorisation beyond the room's ACL: policy lists (spec: "Moderation policy
+lists"), server participation (MSC4099/MSC4124) and the operator's own scopes.
+
+One function, `authorise_server`, answers "may this server take part in this room?" the
+same way for the server that delivered an event and for the server that wrote it, at the
+edge and in the hook.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from rules.acl import GlobSet, check_server_acl
+from rules.roomstate import RoomPolicy
+from rules.servername import strip_port
+
+__all__ = [
+    "NO_POLICY",
+    "BanList",
+    "Barrier",
+    "OperatorPolicy",
+    "Refusal",
+    "authorise_server",
+]
+
+# Spec: "Moderation policy lists"; the legacy names are Mjolnir's, still in wide use.
+SERVER_RULE_TYPES = frozenset(
+    {"m.policy.rule.server", "org.matrix.mjolnir.rule.server", "m.room.rule.server"}
+)
+USER_RULE_TYPES = frozenset(
+    {"m.policy.rule.user", "org.matrix.mjolnir.rule.user", "m.room.rule.user"}
+)
+BAN_RECOMMENDATIONS = frozenset({"m.ban", "org.matrix.mjolnir.ban"})
+
+
+class Barrier(enum.Enum):
+    ACL = "acl"
+    POLICY = "policy"
+    PARTICIPATION = "participation"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    barrier: Barrier
+    reason: str
+
+
+class BanList:
+    """The m.ban rules of the subscribed policy rooms, compiled: matching costs the same
+    with 10 or 100,000 entries for exact names and `*.suffix` globs (see GlobSet)."""
+
+    __slots__ = ("_servers", "_users", "servers", "users")
+
+    def __init__(self, servers: Iterable[str] = (), users: Iterable[str] = ()) -> None:
+        self.servers = tuple(servers)
+        self.users = tuple(users)
+        self._servers = GlobSet(e.lower() for e in self.servers)
+        self._users = GlobSet(e.lower() for e in self.users)
+
+    @classmethod
+    def from_state(cls, events: Iterable[object]) -> BanList:
+        """Rules from policy rooms' state; a rule without entity or recommendation counts
+        as removed (spec)."""
+        servers: list[str] = []
+        users: list[str] = []
+        for event in events:
+            if not isinstance(event, Mapping):
+                continue
+            content = event.get("content")
+            if not isinstance(content, Mapping):
+                continue
+            entity = content.get("entity")
+            if not isinstance(entity, str) or content.get("recommendation") not in (
+                BAN_RECOMMENDATIONS
+            ):
+                continue
+            if event.get("type") in SERVER_RULE_TYPES:
+                servers.append(entity)
+            elif event.get("type") in USER_RULE_TYPES:
+                users.append(entity)
+        return cls(servers, users)
+
+    def __len__(self) -> int:
+        return self._servers.size + self._users.size
+
+    def bans_server(self, server_name: str) -> bool:
+        return self._servers.matches(strip_port(server_name).lower())
+
+    def bans_user(self, user_id: str) -> bool:
+        return self._users.matches(user_id.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorPolicy:
+    """What the operator configured, on top of each room's own state."""
+
+    local_server: str = ""
+    participation_rooms: frozenset[str] = frozenset()  # rooms where participation applies
+    bans: BanList = field(default_factory=BanList)
+
+    def participation_applies(self, room: RoomPolicy) -> bool:
+        return room.participation_enforced or room.room_id in self.participation_rooms
+
+
+NO_POLICY = OperatorPolicy()
+
+
+def authorise_server(
+    server_name: str,
+    room: RoomPolicy | None,
+    policy: OperatorPolicy = NO_POLICY,
+    *,
+    knocking: bool = False,
+) -> Refusal | None:
+    """None when `server_name` may take part in the room, else why not.
+
+    Order: the room's ACL, the operator's policy lists, then participation: a server whose
+    participation is `deny` is always refused; where participation applies (the room's
+    MSC4124 knock rule is `active` or `deny`, or the operator listed the room) only
+    `permitted` servers take part. The protected homeserver is always allowed by
+    participation; `knocking` exempts a server's own knock from it.
+    """
+    if room is not None:
+        acl = check_server_acl(room.acl, server_name)
+        if not acl.allowed:
+            return Refusal(Barrier.ACL, acl.reason)
+    if len(policy.bans) and policy.bans.bans_server(server_name):
+        return Refusal(Barrier.POLICY, "server is banned by a policy list")
+    if room is None or server_name == policy.local_server:
+        return None
+    participation = room.participation.get(server_name.lower())
+    if participation == "deny":
+        return Refusal(Barrier.PARTICIPATION, "server's participation in the room is deny")
+    if participation != "permitted" and not knocking and policy.participation_applies(room):
+        return Refusal(
+            Barrier.PARTICIPATION,
+            "server is not permitted to participate in the room; "
+            "knock first (an m.server.knock EDU with the room_id)",
+        )
+    return None

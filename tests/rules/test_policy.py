@@ -1,0 +1,227 @@
+"""Server authorisation beyond ACLs: participation (MSC4099/MSC4124), policy lists (spec:
+"Moderation policy lists") and restricted joins (MSC3083), in rules/ and in the checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from rules.checks import check_event, check_pdu, check_request_origin, check_restricted_join
+from rules.federation import parse_pdu
+from rules.findings import Decision, Rule
+from rules.policy import Barrier, BanList, OperatorPolicy, authorise_server
+from rules.roomstate import room_policy_from_state
+
+ROOM = "!r:hs.test"
+LOCAL = "hs.test"
+
+
+def state(*extra, version="10", invite=0, users=None):
+    events = [
+        {
+            "type": "m.room.create",
+            "state_key": "",
+            "sender": "@admin:hs.test",
+            "content": {"room_version": version},
+        },
+        {
+            "type": "m.room.power_levels",
+            "state_key": "",
+            "content": {"invite": invite, "users": users or {"@admin:hs.test": 100}},
+        },
+        {"type": "m.room.member", "state_key": "@admin:hs.test", "content": {"membership": "join"}},
+        {
+            "type": "m.room.member",
+            "state_key": "@lee:leaky.test",
+            "content": {"membership": "join"},
+        },
+        *extra,
+    ]
+    return room_policy_from_state(ROOM, events)
+
+
+def participation(server, value, unstable=False):
+    kind = "me.marewolf.msc4124.server.participation" if unstable else "m.server.participation"
+    return {"type": kind, "state_key": server, "content": {"participation": value}}
+
+
+ACTIVE = {"type": "m.server.knock_rule", "state_key": "", "content": {"rule": "active"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "operator_rooms", "server", "barrier"),
+    [
+        ((), (), "new.test", None),  # no opt-in: everyone (ACL aside)
+        ((ACTIVE,), (), "new.test", Barrier.PARTICIPATION),  # opted in by state
+        ((), (ROOM,), "new.test", Barrier.PARTICIPATION),  # opted in by the operator
+        ((ACTIVE, participation("new.test", "permitted")), (), "new.test", None),
+        ((ACTIVE, participation("new.test", "permitted", unstable=True)), (), "new.test", None),
+        ((participation("new.test", "deny"),), (), "new.test", Barrier.PARTICIPATION),  # always
+        ((participation("new.test", "denied"),), (), "new.test", Barrier.PARTICIPATION),  # MSC4099
+        ((ACTIVE,), (), LOCAL, None),  # the protected homeserver is always allowed
+        (
+            (
+                ACTIVE,
+                {
+                    "type": "m.room.server_acl",
+                    "state_key": "",
+                    "content": {"allow": ["*"], "deny": ["new.test"]},
+                },
+                participation("new.test", "permitted"),
+            ),
+            (),
+            "new.test",
+            Barrier.ACL,
+        ),
+    ],
+)
+def test_participation(extra, operator_rooms, server, barrier):
+    room = state(*extra)
+    policy = OperatorPolicy(LOCAL, frozenset(operator_rooms))
+    refusal = authorise_server(server, room, policy)
+    assert (refusal.barrier if refusal else None) is barrier
+
+
+def test_a_servers_own_knock_is_exempt_from_participation_but_not_from_deny():
+    room = state(ACTIVE)
+    assert authorise_server("new.test", room, OperatorPolicy(LOCAL), knocking=True) is None
+    denied = state(ACTIVE, participation("new.test", "deny"))
+    assert authorise_server("new.test", denied, OperatorPolicy(LOCAL), knocking=True) is not None
+
+
+def test_ban_list_from_policy_room_state():
+    """m.ban rules, legacy names too; other recommendations and incomplete rules ignored."""
+    bans = BanList.from_state(
+        [
+            {
+                "type": "m.policy.rule.server",
+                "state_key": "r1",
+                "content": {"entity": "*.denied.test", "recommendation": "m.ban"},
+            },
+            {
+                "type": "org.matrix.mjolnir.rule.server",
+                "state_key": "r2",
+                "content": {"entity": "old.test", "recommendation": "org.matrix.mjolnir.ban"},
+            },
+            {
+                "type": "m.policy.rule.server",
+                "state_key": "r3",
+                "content": {"entity": "meh.test", "recommendation": "m.mute"},
+            },
+            {"type": "m.policy.rule.server", "state_key": "r4", "content": {}},
+            {
+                "type": "m.policy.rule.user",
+                "state_key": "r5",
+                "content": {"entity": "@spam*:*", "recommendation": "m.ban"},
+            },
+        ]
+    )
+    assert bans.bans_server("a.denied.test:8448") and bans.bans_server("OLD.test")
+    assert not bans.bans_server("denied.test") and not bans.bans_server("meh.test")
+    assert bans.bans_user("@spammer:x.test") and not bans.bans_user("@ham:x.test")
+
+
+def pdu(sender, event_type="m.room.message", content=None, state_key=None, signatures=None):
+    event = {
+        "room_id": ROOM,
+        "sender": sender,
+        "type": event_type,
+        "content": content or {},
+        "prev_events": [],
+        "auth_events": [],
+        "depth": 3,
+        "origin_server_ts": 1,
+        "signatures": signatures or {},
+    }
+    if state_key is not None:
+        event["state_key"] = state_key
+    parsed = parse_pdu(event, 0, "leaky.test")
+    assert not hasattr(parsed, "rule")
+    return parsed
+
+
+def test_policy_list_bans_origin_sender_and_user_in_every_room():
+    bans = BanList(["*.denied.test"], ["@spam:leaky.test"])
+    policy = OperatorPolicy(LOCAL, bans=bans)
+    rooms = {ROOM: state()}
+    as_origin = check_pdu(
+        pdu("@a:x.denied.test"), "x.denied.test", rooms, fail_open=True, policy=policy
+    )
+    assert [f.rule for f in as_origin.findings] == [Rule.POLICY_ORIGIN]
+    relayed = check_pdu(pdu("@a:x.denied.test"), "leaky.test", rooms, fail_open=True, policy=policy)
+    assert [f.rule for f in relayed.findings] == [Rule.POLICY_SENDER]
+    assert relayed.findings[0].attributed_to == "leaky.test"
+    user = check_pdu(pdu("@spam:leaky.test"), "leaky.test", rooms, fail_open=True, policy=policy)
+    assert [f.rule for f in user.findings] == [Rule.POLICY_USER]
+    assert all(v.decision is Decision.REFUSE for v in (as_origin, relayed, user))
+
+
+def join(via, signed_by):
+    user = "@new:unknown.test"
+    return pdu(
+        user,
+        "m.room.member",
+        {"membership": "join", "join_authorised_via_users_server": via},
+        state_key=user,
+        signatures={s: {"ed25519:a": "sig"} for s in signed_by},
+    )
+
+
+@pytest.mark.parametrize(
+    ("via", "signed_by", "invite", "refused_because"),
+    [
+        ("@admin:hs.test", ("unknown.test", "hs.test"), 50, None),
+        ("@admin:hs.test", ("unknown.test", "leaky.test"), 50, "not signed by hs.test"),
+        ("@lee:leaky.test", ("unknown.test", "leaky.test"), 50, "below the invite level 50"),
+        ("@lee:leaky.test", ("unknown.test", "leaky.test"), 0, None),
+        ("@gone:hs.test", ("unknown.test", "hs.test"), 0, "not joined"),
+        ("not a user", ("unknown.test",), 0, "not a user ID"),
+    ],
+)
+def test_restricted_joins(via, signed_by, invite, refused_because):
+    room = state(invite=invite)
+    event = join(via, signed_by)
+    why = check_restricted_join(event.event, room)
+    assert (why is None) == (refused_because is None)
+    if refused_because:
+        assert refused_because in why
+        verdict = check_pdu(event, "leaky.test", {ROOM: room}, fail_open=True)
+        assert [f.rule for f in verdict.findings] == [Rule.RESTRICTED_JOIN]
+        assert verdict.decision is Decision.REFUSE
+
+
+def test_restricted_join_authorising_server_must_be_allowed():
+    acl = {
+        "type": "m.room.server_acl",
+        "state_key": "",
+        "content": {"allow": ["*"], "deny": ["leaky.test"]},
+    }
+    why = check_restricted_join(
+        join("@lee:leaky.test", ("unknown.test", "leaky.test")).event, state(acl)
+    )
+    assert why and "denied by the room's server ACL" in why
+
+
+def test_v12_creators_outrank_every_level():
+    room = state(version="12", invite=100, users={})
+    assert room.power.of("@admin:hs.test") == float("inf")
+    assert (
+        check_restricted_join(join("@admin:hs.test", ("unknown.test", "hs.test")).event, room)
+        is None
+    )
+
+
+def test_room_data_and_hook_apply_the_same_policy():
+    room = state(ACTIVE)
+    policy = OperatorPolicy(LOCAL)
+    item = check_request_origin("new.test", ROOM, room, "make_join", fail_open=True, policy=policy)
+    assert item.decision is Decision.REFUSE and "knock first" in item.findings[0].detail
+    event = {"room_id": ROOM, "sender": "@x:new.test", "type": "m.room.message", "event_id": "$e"}
+    hook = check_event(event, room, LOCAL, fail_open=True, policy=policy)
+    assert [f.rule for f in hook.findings] == [Rule.PARTICIPATION_SENDER]
+    knock = {
+        "room_id": ROOM,
+        "sender": "@x:new.test",
+        "type": "m.server.knock",
+        "state_key": "new.test",
+    }
+    assert check_event(knock, room, LOCAL, fail_open=True, policy=policy).decision is Decision.ALLOW
