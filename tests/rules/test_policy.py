@@ -8,7 +8,7 @@ import pytest
 from rules.checks import check_event, check_pdu, check_request_origin, check_restricted_join
 from rules.federation import parse_pdu
 from rules.findings import Decision, Rule
-from rules.policy import Barrier, BanList, OperatorPolicy, authorise_server
+from rules.policy import BanList, Barrier, OperatorPolicy, authorise_server
 from rules.roomstate import room_policy_from_state
 
 ROOM = "!r:hs.test"
