@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy_addons.config import Config, ConfigError, load_config
-from proxy_addons.store import FINDING_COLUMNS, query_findings
+from proxy_addons.participation import ParticipationError, write_participation
+from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
 
 __all__ = ["main"]
 
@@ -130,11 +131,16 @@ def cmd_findings(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
-        print("  ".join(cells + [str(row[-1])]))
+    _print_table(table)
     return 0
+
+
+def _print_table(table: Sequence[Sequence[object]]) -> None:
+    """Columns padded to their widest cell; the last column (free text) is not padded."""
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)]
+        print("  ".join(cells + [str(line[-1])]))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -152,6 +158,91 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if not config.admin_token:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")
     return 0
+
+
+def _database(args: argparse.Namespace) -> str:
+    if getattr(args, "db", None):
+        return str(args.db)
+    if getattr(args, "config", None):
+        return load_config(args.config).database
+    return "modgud.db"
+
+
+def cmd_knocks(args: argparse.Namespace) -> int:
+    path = _database(args)
+    if not Path(path).is_file():
+        print(f"modgud knocks: no database at {path}", file=sys.stderr)
+        return 2
+    try:
+        rows = query_knocks(path, room=args.room, status=args.status)
+    except ValueError as e:
+        print(f"modgud knocks: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no knocks")
+        return 0
+    header = ("room", "server", "status", "count", "first seen", "last seen", "modgud knows")
+    table: list[Sequence[object]] = [header]
+    for r in rows:
+        known = []
+        if r["findings"]:
+            known.append(f"{r['findings']} findings ({r['finding_rules']})")
+        if r["policy_match"]:
+            known.append(r["policy_match"])
+        table.append(
+            (
+                r["room_id"],
+                r["server"],
+                r["status"],
+                str(r["count"]),
+                _format_ts(r["first_seen"]),
+                _format_ts(r["last_seen"]),
+                "; ".join(known) or "nothing against it",
+            )
+        )
+    _print_table(table)
+    return 0
+
+
+def _decide(args: argparse.Namespace, participation: str, status: str) -> int:
+    config = load_config(args.config)
+    if not config.room_admin_token:
+        print(
+            f"modgud {args.command}: {config.path}: homeserver.room_admin_token_file is not set "
+            "(a room admin's access token is needed to write m.server.participation)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        event_id = write_participation(
+            config.client_api,
+            config.room_admin_token,
+            args.room,
+            args.server,
+            participation,
+            args.reason,
+        )
+    except ParticipationError as e:
+        print(f"modgud {args.command}: {e}", file=sys.stderr)
+        return 1
+    decide_knock(config.database, args.room, args.server, status, args.reason)
+    print(
+        f"{status} {args.server} in {args.room}: m.server.participation {participation} "
+        f"({event_id}); modgud applies it once the homeserver has it"
+    )
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, "permitted", "approved")
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    return _decide(args, "deny", "denied")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="JSON lines: " + ", ".join(FINDING_COLUMNS)
     )
     findings.set_defaults(func=cmd_findings)
+
+    knocks = sub.add_parser("knocks", help="servers waiting for approval (m.server.knock)")
+    knocks.add_argument("--db", help="findings database")
+    knocks.add_argument("--config", "-c", help="take the database path from this config")
+    knocks.add_argument("--room", help="only this room ID")
+    knocks.add_argument("--status", choices=["pending", "approved", "denied"])
+    knocks.add_argument("--json", action="store_true", help="JSON lines")
+    knocks.set_defaults(func=cmd_knocks)
+    for name, func, what in (
+        ("approve", cmd_approve, "permit SERVER in ROOM (m.server.participation permitted)"),
+        ("deny", cmd_deny, "deny SERVER in ROOM (m.server.participation deny)"),
+    ):
+        decide = sub.add_parser(name, help=what)
+        decide.add_argument("room", help="room ID")
+        decide.add_argument("server", help="server name")
+        decide.add_argument("--reason", help="shown to the server's users")
+        decide.add_argument("--config", "-c", required=True, help="modgud.yaml")
+        decide.set_defaults(func=func)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config", help="modgud.yaml")

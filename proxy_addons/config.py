@@ -72,6 +72,13 @@ class Config:
     hook_state_timeout_seconds: float = 1.0
     max_body_bytes: int = 12 * 1024 * 1024
     trusted_key_servers: tuple[KeyServer, ...] = ()
+    # policy:
+    participation_rooms: tuple[str, ...] = ()
+    policy_lists: tuple[str, ...] = ()
+    policy_refresh_seconds: float = 60.0
+    # homeserver: the Client-Server API and a room admin's token, for approve/deny
+    client_api: str = ""
+    room_admin_token: str | None = field(default=None, repr=False)
 
     @property
     def fail_open(self) -> bool:
@@ -246,10 +253,13 @@ def load_config(path: str | Path) -> Config:
 
     hs = top.child("homeserver")
     admin_api = upstream
-    admin_token = None
+    admin_token = room_admin_token = None
+    client_api = upstream
     if hs is not None:
         admin_api = _parse_url(hs, "admin_api", required=False, default=upstream) or upstream
         admin_token = _read_token(hs, "access_token_file", base)
+        client_api = _parse_url(hs, "client_api", required=False, default=admin_api) or admin_api
+        room_admin_token = _read_token(hs, "room_admin_token_file", base)
         hs.reject_unknown()
 
     database = top.get("database", str, "modgud.db")
@@ -272,6 +282,17 @@ def load_config(path: str | Path) -> Config:
     if max_body < 65_536:
         raise top.error("max_body_bytes", "must be at least 65536")
     key_servers = _parse_key_servers(top)
+    participation_rooms: tuple[str, ...] = ()
+    policy_lists: tuple[str, ...] = ()
+    refresh = 60.0
+    policy = top.child("policy")
+    if policy is not None:
+        participation_rooms = _room_ids(policy, "participation_rooms")
+        policy_lists = _room_ids(policy, "policy_lists")
+        refresh = float(policy.get("refresh_seconds", (int, float), refresh))
+        if refresh <= 0:
+            raise policy.error("refresh_seconds", "must be positive")
+        policy.reject_unknown()
     top.reject_unknown()
 
     return Config(
@@ -295,7 +316,20 @@ def load_config(path: str | Path) -> Config:
         hook_state_timeout_seconds=hook_timeout,
         max_body_bytes=max_body,
         trusted_key_servers=key_servers,
+        participation_rooms=participation_rooms,
+        policy_lists=policy_lists,
+        policy_refresh_seconds=refresh,
+        client_api=client_api,
+        room_admin_token=room_admin_token,
     )
+
+
+def _room_ids(node: _Node, name: str) -> tuple[str, ...]:
+    values = node.get(name, list, [])
+    for value in values:
+        if not isinstance(value, str) or not value.startswith("!"):
+            raise node.error(name, f"expected room IDs (!…), got {value!r}")
+    return tuple(values)
 
 
 def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:

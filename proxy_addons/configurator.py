@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 class Configurator:
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
+        self._policy_task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
         loader.add_option("modgud_config", str, "", "Path of modgud's YAML config file.")
@@ -48,7 +50,12 @@ class Configurator:
         # moved out of the collector's reach, full collections stop rescanning ~100k
         # objects every few seconds under load (measured: about 0.1 ms per transaction).
         gc.freeze()
+        runtime = self.holder.runtime
+        if runtime is not None and runtime.policy.rooms:
+            self._policy_task = asyncio.get_running_loop().create_task(runtime.policy.run())
 
     async def done(self) -> None:
+        if self._policy_task is not None:
+            self._policy_task.cancel()
         if self.holder.runtime is not None:
             await self.holder.runtime.aclose()

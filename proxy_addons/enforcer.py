@@ -20,6 +20,7 @@ from proxy_addons.endpoints import EndpointClass
 from proxy_addons.flowinfo import FlowState, flow_state, json_response, request_body
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
+from proxy_addons.store import KnockRecord
 from proxy_addons.verdicts import EdgeVerdict
 from rules.checks import (
     ItemVerdict,
@@ -32,7 +33,7 @@ from rules.checks import (
 )
 from rules.federation import Transaction, parse_json_body, parse_transaction
 from rules.findings import Confidence, Finding, Rule, Severity
-from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
+from rules.roomstate import KNOCK_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
 from rules.signatures import required_signers, verify_event_signatures
 from rules.xmatrix import verify_request_signature
 
@@ -92,6 +93,8 @@ class Enforcer:
         # The homeserver has accepted the transaction: state it changed is refetched.
         for room_id in state.stale_rooms:
             runtime.mark_stale(room_id)
+        if state.endpoint.name in _MEMBERSHIP_ENDPOINTS and state.endpoint.room_id:
+            runtime.mark_stale(state.endpoint.room_id)  # a join/knock/leave/invite went in
         if state.endpoint.cls is EndpointClass.EVENT and state.auth is not None:
             try:
                 await self._check_event_answer(runtime, flow, state)
@@ -114,7 +117,12 @@ class Enforcer:
         config = runtime.config
         policy = await runtime.state.get(room_id, config.state_timeout_seconds)
         item = check_request_origin(
-            state.auth.origin, room_id, policy, "event", fail_open=config.fail_open
+            state.auth.origin,
+            room_id,
+            policy,
+            "event",
+            fail_open=config.fail_open,
+            policy=runtime.policy.current,
         )
         if not item.findings:
             return
@@ -231,13 +239,17 @@ class Enforcer:
         rooms = await runtime.state.get_many(
             rooms_of_transaction(txn), config.state_timeout_seconds
         )
-        verdict = check_transaction(txn, rooms, fail_open=config.fail_open)
+        policy = runtime.policy.current
+        verdict = check_transaction(txn, rooms, fail_open=config.fail_open, policy=policy)
         if config.verify_signatures:
             verdict = await self._check_signatures(runtime, txn, rooms, verdict)
         state.verdict = verdict
         for pdu in txn.pdus:
             if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
                 state.stale_rooms.add(pdu.room_id)
+            if runtime.policy.watches(pdu.room_id, pdu.event_type):
+                runtime.policy.mark_stale()
+        _queue_knocks(runtime, txn, rooms, verdict)
         for item in verdict.pdus:
             if item.event_id is None or any(
                 f.rule is Rule.STATE_UNAVAILABLE for f in item.findings
@@ -336,7 +348,12 @@ class Enforcer:
         assert state.auth is not None and endpoint.room_id is not None
         policy = await runtime.state.get(endpoint.room_id, config.state_timeout_seconds)
         item = check_request_origin(
-            state.auth.origin, endpoint.room_id, policy, endpoint.name, fail_open=config.fail_open
+            state.auth.origin,
+            endpoint.room_id,
+            policy,
+            endpoint.name,
+            fail_open=config.fail_open,
+            policy=runtime.policy.current,
         )
         if not item.findings:
             return "forwarded"
@@ -388,6 +405,44 @@ class Enforcer:
         )
 
 
+def _queue_knocks(
+    runtime: Runtime,
+    txn: Transaction,
+    rooms: dict[str, RoomPolicy | None | StateUnavailable],
+    verdict: TransactionVerdict,
+) -> None:
+    """Servers asking to take part (m.server.knock EDUs and MSC4124 knock state events)
+    that are not yet permitted go into the approval queue (`modgud knocks`)."""
+    origin = txn.origin or ""
+    refused_edus = {i.position for i in verdict.edus if i.refused and i.position >= 0}
+    refused_pdus = {i.position for i in verdict.pdus if i.refused and i.position >= 0}
+    asks: list[tuple[bool, str]] = []  # (refused outright, room)
+    for edu in txn.edus:
+        room_id = edu.content.get("room_id")
+        if edu.edu_type in KNOCK_TYPES and isinstance(room_id, str):
+            asks.append((edu.position in refused_edus, room_id))
+    for pdu in txn.pdus:
+        if pdu.event_type in KNOCK_TYPES and (pdu.state_key or "").lower() == origin.lower():
+            asks.append((pdu.position in refused_pdus, pdu.room_id))
+    if not asks:
+        return
+    policy = runtime.policy.current
+    records = []
+    for refused, room_id in asks:
+        room = rooms.get(room_id)
+        if refused or not isinstance(room, RoomPolicy):
+            continue  # refused outright (ACL, ban, deny) or a room the homeserver lacks
+        if room.participation.get(origin.lower()) == "permitted":
+            continue
+        banned = len(policy.bans) and policy.bans.bans_server(origin)
+        records.append(
+            KnockRecord(time.time(), room_id, origin, "banned by a policy list" if banned else None)
+        )
+    runtime.store.record(records)
+    runtime.metrics.knocks.inc(len(records))
+
+
+_MEMBERSHIP_ENDPOINTS = frozenset({"send_join", "send_knock", "send_leave", "invite"})
 _AUTHENTICATED = (EndpointClass.SEND, EndpointClass.ROOM_DATA, EndpointClass.EVENT)
 
 

@@ -49,6 +49,8 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
         and isinstance(room_id, str)
     ):
         runtime.mark_stale(room_id)
+    if isinstance(room_id, str) and runtime.policy.watches(room_id, event.get("type")):
+        runtime.policy.mark_stale()
     if server_of_user(event.get("sender")) == config.server_name:
         return _allow(), "local"
     edge = runtime.verdicts.get(event_id) if isinstance(event_id, str) else None
@@ -62,7 +64,11 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
         else None
     )
     verdict: ItemVerdict = check_event(
-        event, policy, config.server_name, fail_open=config.fail_open
+        event,
+        policy,
+        config.server_name,
+        fail_open=config.fail_open,
+        policy=runtime.policy.current,
     )
     if verdict.findings:
         refuse = verdict.refused and config.enforcing

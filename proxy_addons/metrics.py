@@ -78,6 +78,16 @@ class Metrics:
             ["where"],
             registry=registry,
         )
+        self.knocks = Counter(
+            "modgud_knocks",
+            "Knocks (m.server.knock) from servers not yet permitted, queued for approval",
+            registry=registry,
+        )
+        self.policy_rules = Gauge(
+            "modgud_policy_list_rules",
+            "Ban rules (servers and users) from the subscribed policy lists",
+            registry=registry,
+        )
         self.rooms_cached = Gauge(
             "modgud_rooms_cached", "Rooms in the state cache", registry=registry
         )

@@ -34,6 +34,10 @@ class RoomStateSource(Protocol):
         """The room's policy, None when the homeserver does not know the room."""
         ...
 
+    async def fetch_state(self, room_id: str) -> list[object] | None:
+        """The room's state events (for policy rooms), None when unknown."""
+        ...
+
 
 class SynapseAdminStateSource:
     def __init__(
@@ -44,6 +48,11 @@ class SynapseAdminStateSource:
         self._session = session
 
     async def fetch(self, room_id: str) -> RoomPolicy | None:
+        state = await self.fetch_state(room_id)
+        return None if state is None else room_policy_from_state(room_id, state)
+
+    async def fetch_state(self, room_id: str) -> list[object] | None:
+        """The room's current state events; None when the homeserver does not know it."""
         url = f"{self.base_url}/_synapse/admin/v1/rooms/{quote(room_id, safe='')}/state"
         try:
             async with self._session().get(url, headers=self._headers) as resp:
@@ -59,7 +68,7 @@ class SynapseAdminStateSource:
         state = body.get("state") if isinstance(body, dict) else None
         if not isinstance(state, list):
             raise StateError(f"state answer for {room_id} has no state list")
-        return room_policy_from_state(room_id, state)
+        return state
 
 
 @dataclass(slots=True)

@@ -11,13 +11,23 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
 
-__all__ = ["FINDING_COLUMNS", "FindingRecord", "FindingStore", "query_findings"]
+__all__ = [
+    "FINDING_COLUMNS",
+    "KNOCK_COLUMNS",
+    "FindingRecord",
+    "FindingStore",
+    "KnockRecord",
+    "decide_knock",
+    "query_findings",
+    "query_knocks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,29 @@ class FindingRecord:
         return {c: getattr(self, c) for c in FINDING_COLUMNS}
 
 
+@dataclass(frozen=True, slots=True)
+class KnockRecord:
+    """A server asking to take part in a room (m.server.knock EDU or state event)."""
+
+    ts: float
+    room_id: str
+    server: str
+    policy_match: str | None = None  # what modgud's policy lists say of the server
+
+
+KNOCK_COLUMNS = (
+    "room_id",
+    "server",
+    "first_seen",
+    "last_seen",
+    "count",
+    "status",
+    "policy_match",
+    "decided_at",
+    "reason",
+)
+
+
 def open_database(path: str) -> sqlite_utils.Database:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
     db = sqlite_utils.Database(conn)
@@ -88,6 +121,12 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         findings.create_index(["ts"])
         findings.create_index(["rule", "ts"])
         findings.create_index(["room_id", "ts"])
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS knocks (room_id TEXT NOT NULL, server TEXT NOT NULL, "
+        "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
+        "status TEXT DEFAULT 'pending', policy_match TEXT, decided_at REAL, reason TEXT, "
+        "PRIMARY KEY (room_id, server))"
+    )
 
 
 class FindingStore:
@@ -95,7 +134,7 @@ class FindingStore:
         self.path = path
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue: queue.Queue[FindingRecord | None] = queue.Queue()
+        self._queue: queue.Queue[FindingRecord | KnockRecord | None] = queue.Queue()
         self._flushed = threading.Condition()
         self._pending = 0
         self.write_errors = 0
@@ -105,7 +144,7 @@ class FindingStore:
         self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
         self._thread.start()
 
-    def record(self, records: Iterable[FindingRecord]) -> None:
+    def record(self, records: Iterable[FindingRecord | KnockRecord]) -> None:
         for record in records:
             with self._flushed:
                 self._pending += 1
@@ -125,7 +164,7 @@ class FindingStore:
         table = db.table("findings")
         stop = False
         while not stop:
-            batch: list[FindingRecord] = []
+            batch: list[FindingRecord | KnockRecord] = []
             try:
                 item = self._queue.get(timeout=self.flush_interval)
             except queue.Empty:
@@ -143,20 +182,34 @@ class FindingStore:
                 self._write(db, table, batch)
         db.conn.close()
 
-    def _write(self, db: sqlite_utils.Database, table: Any, batch: list[FindingRecord]) -> None:
+    def _write(
+        self, db: sqlite_utils.Database, table: Any, batch: list[FindingRecord | KnockRecord]
+    ) -> None:
+        findings = [r.as_row() for r in batch if isinstance(r, FindingRecord)]
+        knocks = [r for r in batch if isinstance(r, KnockRecord)]
         for attempt in range(5):
             try:
                 with db.conn:
-                    table.insert_all([r.as_row() for r in batch])
+                    if findings:
+                        table.insert_all(findings)
+                    for k in knocks:
+                        db.execute(
+                            "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
+                            "policy_match) VALUES (?, ?, ?, ?, 1, ?) "
+                            "ON CONFLICT (room_id, server) DO UPDATE SET "
+                            "last_seen = excluded.last_seen, count = count + 1, "
+                            "policy_match = excluded.policy_match",
+                            [k.room_id, k.server, k.ts, k.ts, k.policy_match],
+                        )
                 break
             except sqlite3.OperationalError as e:  # locked, disk full: retry, then count
                 logger.warning(
-                    "writing %d findings failed (attempt %d): %s", len(batch), attempt + 1, e
+                    "writing %d records failed (attempt %d): %s", len(batch), attempt + 1, e
                 )
                 threading.Event().wait(0.2 * (attempt + 1))
         else:
             self.write_errors += len(batch)
-            logger.error("dropped %d findings after repeated write failures", len(batch))
+            logger.error("dropped %d records after repeated write failures", len(batch))
         with self._flushed:
             self._pending -= len(batch)
             self._flushed.notify_all()
@@ -205,3 +258,53 @@ def query_findings(
 
 def dumps_finding(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=False, ensure_ascii=False)
+
+
+def query_knocks(
+    path: str, *, room: str | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    """The approval queue, newest first, with what modgud knows of each server: how many
+    findings blame it, and the rules of those findings."""
+    where, params = [], []
+    if room:
+        where.append("k.room_id = ?")
+        params.append(room)
+    if status:
+        where.append("k.status = ?")
+        params.append(status)
+    # Fixed column names only; every value is a parameter.
+    sql = (
+        "SELECT " + ", ".join(f"k.{c}" for c in KNOCK_COLUMNS) + ", "  # noqa: S608
+        "(SELECT COUNT(*) FROM findings f WHERE f.attributed_to = k.server) AS findings, "
+        "(SELECT GROUP_CONCAT(DISTINCT f.rule) FROM findings f "
+        "WHERE f.attributed_to = k.server) AS finding_rules FROM knocks k"
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY k.last_seen DESC"
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(sql, params)]
+    except sqlite3.OperationalError as e:
+        raise ValueError(f"{path}: {e}") from None
+    finally:
+        conn.close()
+
+
+def decide_knock(path: str, room_id: str, server: str, status: str, reason: str | None) -> None:
+    """Record an approval or denial (a server never seen knocking gets a row too)."""
+    now = time.time()
+    db = open_database(path)
+    try:
+        ensure_schema(db)
+        with db.conn:
+            db.execute(
+                "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, status, "
+                "decided_at, reason) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
+                "ON CONFLICT (room_id, server) DO UPDATE SET status = excluded.status, "
+                "decided_at = excluded.decided_at, reason = excluded.reason",
+                [room_id, server, now, now, status, now, reason],
+            )
+    finally:
+        db.conn.close()

@@ -154,11 +154,19 @@ def _is_own_knock(event_type: str, state_key: str | None, server: str) -> bool:
 
 
 def check_restricted_join(
-    event: Mapping[str, object], room: RoomPolicy, policy: OperatorPolicy = NO_POLICY
+    event: Mapping[str, object],
+    room: RoomPolicy,
+    policy: OperatorPolicy = NO_POLICY,
+    *,
+    in_hook: bool = False,
 ) -> str | None:
     """Why a join authorised through `join_authorised_via_users_server` (MSC3083) must be
     refused, or None: the authoriser's server must have signed it, the authoriser must be
-    joined with at least the invite level now, and their server must be allowed here."""
+    joined with at least the invite level now, and their server must be allowed here.
+
+    `in_hook`: the homeserver asks about a join it may be vouching for itself (send_join
+    to a room it is in), and it adds its own signature only after asking, so a missing
+    signature of the protected homeserver is not held against the join there."""
     content = event.get("content")
     if event.get("type") != "m.room.member" or not isinstance(content, Mapping):
         return None
@@ -170,7 +178,8 @@ def check_restricted_join(
         return "join_authorised_via_users_server is not a user ID"
     signatures = event.get("signatures")
     signed = signatures.get(via_server) if isinstance(signatures, Mapping) else None
-    if not isinstance(signed, Mapping) or not signed:
+    local_pending = in_hook and via_server == policy.local_server
+    if (not isinstance(signed, Mapping) or not signed) and not local_pending:
         return f"join authorised by {via} is not signed by {via_server}"
     if via not in room.joined:
         return f"join authorised by {via}, who is not joined to the room"
@@ -471,7 +480,7 @@ def check_event(
     if len(policy.bans) and policy.bans.bans_user(sender):
         reasons.append((Rule.POLICY_USER, f"{sender} is banned by a policy list"))
     if room is not None:
-        why = check_restricted_join(event, room, policy)
+        why = check_restricted_join(event, room, policy, in_hook=True)
         if why is not None:
             reasons.append((Rule.RESTRICTED_JOIN, why))
     if not reasons:

@@ -401,8 +401,9 @@ def edu_users(edu: Edu) -> list[object]:
 
 
 def edu_rooms(edu: Edu) -> list[str]:
-    """Rooms an EDU is about, for the ACL check on EDUs (MSC4163): typing and receipts."""
-    if edu.edu_type == "m.typing":
+    """Rooms an EDU is about: typing and receipts (the ACL applies to them, MSC4163) and
+    a server's knock (MSC4124's m.server.knock EDU, `{room_id}`)."""
+    if edu.edu_type in ("m.typing", "m.server.knock", "me.marewolf.msc4124.server.knock"):
         room_id = edu.content.get("room_id")
         return [room_id] if isinstance(room_id, str) else []
     if edu.edu_type == "m.receipt":

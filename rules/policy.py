@@ -17,7 +17,10 @@ from rules.roomstate import RoomPolicy
 from rules.servername import strip_port
 
 __all__ = [
+    "BAN_RECOMMENDATIONS",
     "NO_POLICY",
+    "SERVER_RULE_TYPES",
+    "USER_RULE_TYPES",
     "BanList",
     "Barrier",
     "OperatorPolicy",

@@ -508,7 +508,7 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "server_knock_edu",
-        "an unknown server asks to be admitted (m.server.knock EDU); the queue is [policy]",
+        "an unknown server asks to be admitted (m.server.knock EDU): queued, not an offence",
         _server_knock_edu,
         enforce=Expected(status=200),
         audit=Expected(status=200),
@@ -517,15 +517,15 @@ SCENARIOS: list[Scenario] = [
         "restricted_join_abuse",
         "restricted joins authorised without invite power or by the wrong server",
         _restricted_join_abuse,
-        # The join signed by the wrong server lacks the authorising server's signature,
-        # which modgud's signature check already requires; the power check is [policy].
+        # Both joins are refused by modgud's restricted-join check; the one signed by the
+        # wrong server also fails the signature check.
         enforce=Expected(
             members=(("unknown", "mallory", None), ("unknown", "trudy", None)),
-            findings=(("signature.event", "leaky"),),
+            findings=(("join.restricted", "leaky"), ("signature.event", "leaky")),
         ),
         audit=Expected(
             members=(("unknown", "mallory", None), ("unknown", "trudy", None)),
-            findings=(("signature.event", "leaky"),),
+            findings=(("join.restricted", "leaky"), ("signature.event", "leaky")),
         ),
     ),
     Scenario(

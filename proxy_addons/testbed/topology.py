@@ -70,6 +70,7 @@ class Topology:
         self.leaky = self.peer.add_server()
         self.denied = self.peer.add_server("denied.test")
         self.unknown = self.peer.add_server("unknown.test")
+        self.spammer = self.peer.add_server("spam.denied.test")  # for *.denied.test bans
         keys = {"trusted_key_servers": [self.peer.trusted_key_server]}
         antispam = {
             "module": "synapse_http_antispam.HTTPAntispam",
@@ -109,6 +110,7 @@ class Topology:
         self.bob: ClientApi
         self.carol: ClientApi
         self.users: dict[str, str] = {}
+        self.policy_room = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -136,6 +138,10 @@ class Topology:
         alice_id, alice_token = self.hs1.register_user("alice", admin=True)
         (self.workdir / "admin.token").write_text(alice_token)
         (self.workdir / "hook.token").write_text(self.hook_token)
+        # A policy list modgud subscribes to (alice moderates it).
+        self.policy_room = ClientApi(self.hs1.base_url, alice_token).create_room(
+            preset="private_chat", name="modgud test bans"
+        )
         self._start_modgud()
         for name, hs in (("bob", self.hs2), ("carol", self.hs3)):
             user_id, token = hs.register_user(name)
@@ -155,7 +161,8 @@ class Topology:
                     f"  inbound: 127.0.0.1:{self.modgud_port}",
                     f"  metrics: 127.0.0.1:{self.metrics_port}",
                     f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
-                    "homeserver: {access_token_file: admin.token}",
+                    "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
+                    f"policy: {{policy_lists: ['{self.policy_room}'], refresh_seconds: 5}}",
                     f"mode: {self.mode}",
                     f"on_error: {self.on_error}",
                     f"database: {self.database}",

@@ -35,12 +35,18 @@ class StaticStateSource:
     rooms: dict[str, RoomPolicy | None] = field(default_factory=dict)
     fail: bool = False
     fetches: int = 0
+    raw: dict[str, list[object]] = field(default_factory=dict)  # state events, policy rooms
 
     async def fetch(self, room_id: str) -> RoomPolicy | None:
         self.fetches += 1
         if self.fail:
             raise StateError("homeserver down (test)")
         return self.rooms.get(room_id)
+
+    async def fetch_state(self, room_id: str) -> list[object] | None:
+        if self.fail:
+            raise StateError("homeserver down (test)")
+        return self.raw.get(room_id)
 
 
 def policy(room_id=ROOM, version="10", deny=("denied.test",), allow=("*",)):
@@ -52,12 +58,13 @@ def policy(room_id=ROOM, version="10", deny=("denied.test",), allow=("*",)):
 def make_runtime(tmp_path):
     made = []
 
-    def make(mode="enforce", on_error="open", verify_signatures=False, source=None):
+    def make(mode="enforce", on_error="open", verify_signatures=False, source=None, extra=""):
         cfg = tmp_path / f"modgud-{len(made)}.yaml"
         cfg.write_text(
             f"server_name: {LOCAL}\nupstream: http://127.0.0.1:1\nmode: {mode}\n"
             f"on_error: {on_error}\nverify_signatures: {str(verify_signatures).lower()}\n"
             f"database: m{len(made)}.db\nstate: {{timeout_seconds: 0.5, hook_timeout_seconds: 0.2}}\n"
+            + extra
         )
         source = source or StaticStateSource(
             {ROOM: policy(), OPEN_ROOM: policy(OPEN_ROOM, deny=())}

@@ -225,3 +225,14 @@ def test_room_data_and_hook_apply_the_same_policy():
         "state_key": "new.test",
     }
     assert check_event(knock, room, LOCAL, fail_open=True, policy=policy).decision is Decision.ALLOW
+
+
+def test_hook_does_not_require_the_local_servers_signature_on_a_join_it_vouches_for():
+    """Synapse asks the hook about a send_join before adding its own signature."""
+    room = state(invite=0)
+    policy = OperatorPolicy(LOCAL)
+    event = join("@admin:hs.test", ("unknown.test",)).event
+    assert check_restricted_join(event, room, policy) is not None  # at the edge: refused
+    assert check_restricted_join(event, room, policy, in_hook=True) is None
+    other = join("@lee:leaky.test", ("unknown.test",)).event
+    assert check_restricted_join(other, room, policy, in_hook=True) is not None
