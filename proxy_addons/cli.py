@@ -15,6 +15,7 @@ from pathlib import Path
 
 from proxy_addons.config import Config, ConfigError, load_config
 from proxy_addons.participation import ParticipationError, write_participation
+from proxy_addons.spaces import run_plan, write_plan
 from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
 
 __all__ = ["main"]
@@ -245,6 +246,58 @@ def cmd_deny(args: argparse.Namespace) -> int:
     return _decide(args, "deny", "denied")
 
 
+def cmd_spaces(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    sync = args.action == "sync"
+    if sync and not config.room_admin_token:
+        print(
+            f"modgud spaces sync: {config.path}: homeserver.room_admin_token_file is not set",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        plans, error = run_plan(config, args.space, with_power=sync)
+    except ParticipationError as e:
+        print(f"modgud spaces: {e}", file=sys.stderr)
+        return 1
+    if error:
+        print(f"modgud spaces: {error}", file=sys.stderr)
+        return 1
+    drifting = [p for p in plans if p.changes or p.problem]
+    if not sync:
+        print(f"{len(plans)} rooms in {args.space}; {len(drifting)} differ from its policy")
+        for plan in drifting:
+            for change in plan.changes:
+                print(f"  {plan.room_id}  {change.why}")
+            if plan.problem and not plan.changes:
+                print(f"  {plan.room_id}  {plan.problem}")
+        return 1 if drifting else 0
+    allowed = set(args.allow_fail or [])
+    blocking = [p for p in plans if p.problem and p.room_id not in allowed]
+    if blocking:
+        print("modgud spaces sync: nothing changed; these rooms would fail:", file=sys.stderr)
+        for plan in blocking:
+            print(f"  {plan.room_id}  {plan.problem}", file=sys.stderr)
+        return 1
+    written = 0
+    for plan in plans:
+        if plan.problem:
+            print(f"  skipped {plan.room_id} (allowed to fail): {plan.problem}")
+            continue
+        if not plan.changes:
+            continue
+        try:
+            write_plan(config, plan)
+        except ParticipationError as e:
+            print(f"modgud spaces sync: stopped after {written} rooms: {e}", file=sys.stderr)
+            return 1
+        written += 1
+        for change in plan.changes:
+            print(f"  {plan.room_id}  wrote {change.event_type} {change.state_key}".rstrip())
+    print(f"synced {written} rooms of {args.space}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modgud", description="Federation firewall and leak detector for Matrix homeservers."
@@ -289,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--reason", help="shown to the server's users")
         decide.add_argument("--config", "-c", required=True, help="modgud.yaml")
         decide.set_defaults(func=func)
+
+    spaces = sub.add_parser("spaces", help="a space's policy across its rooms (MSC3216)")
+    spaces.add_argument("action", choices=["drift", "sync"])
+    spaces.add_argument("space", help="space room ID")
+    spaces.add_argument("--config", "-c", required=True, help="modgud.yaml")
+    spaces.add_argument(
+        "--allow-fail", action="append", metavar="ROOM", help="sync: this room may fail"
+    )
+    spaces.set_defaults(func=cmd_spaces)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config", help="modgud.yaml")

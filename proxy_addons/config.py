@@ -75,6 +75,7 @@ class Config:
     # policy:
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
+    spaces: tuple[str, ...] = ()
     policy_refresh_seconds: float = 60.0
     # homeserver: the Client-Server API and a room admin's token, for approve/deny
     client_api: str = ""
@@ -284,11 +285,13 @@ def load_config(path: str | Path) -> Config:
     key_servers = _parse_key_servers(top)
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
+    spaces: tuple[str, ...] = ()
     refresh = 60.0
     policy = top.child("policy")
     if policy is not None:
         participation_rooms = _room_ids(policy, "participation_rooms")
         policy_lists = _room_ids(policy, "policy_lists")
+        spaces = _room_ids(policy, "spaces")
         refresh = float(policy.get("refresh_seconds", (int, float), refresh))
         if refresh <= 0:
             raise policy.error("refresh_seconds", "must be positive")
@@ -318,6 +321,7 @@ def load_config(path: str | Path) -> Config:
         trusted_key_servers=key_servers,
         participation_rooms=participation_rooms,
         policy_lists=policy_lists,
+        spaces=spaces,
         policy_refresh_seconds=refresh,
         client_api=client_api,
         room_admin_token=room_admin_token,

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from proxy_addons.config import Config
 from proxy_addons.keys import KeyCache
 from proxy_addons.metrics import Metrics
-from proxy_addons.policylists import PolicyLists
+from proxy_addons.operatorpolicy import OperatorPolicySource
 from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
 from proxy_addons.store import FindingStore
 from proxy_addons.verdicts import VerdictCache
@@ -35,7 +35,7 @@ class Runtime:
     state: RoomStateCache
     keys: KeyCache
     verdicts: VerdictCache
-    policy: PolicyLists
+    policy: OperatorPolicySource
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     def session(self) -> aiohttp.ClientSession:
@@ -87,7 +87,7 @@ def build_runtime(
             key_servers=config.trusted_key_servers,
         ),
         verdicts=VerdictCache(),
-        policy=PolicyLists(config, state_source.fetch_state),
+        policy=OperatorPolicySource(config, state_source.fetch_state),
     )
     holder.append(runtime)
     metrics.rooms_cached.set_function(lambda: len(runtime.state))

@@ -102,9 +102,19 @@ class OperatorPolicy:
     local_server: str = ""
     participation_rooms: frozenset[str] = frozenset()  # rooms where participation applies
     bans: BanList = field(default_factory=BanList)
+    # room → the state of the spaces it belongs to (MSC3216: a space's policy binds its
+    # rooms): their ACL and participation apply in the room too.
+    spaces: Mapping[str, tuple[RoomPolicy, ...]] = field(default_factory=dict)
+
+    def spaces_of(self, room_id: str) -> tuple[RoomPolicy, ...]:
+        return self.spaces.get(room_id, ())
 
     def participation_applies(self, room: RoomPolicy) -> bool:
-        return room.participation_enforced or room.room_id in self.participation_rooms
+        return (
+            room.participation_enforced
+            or room.room_id in self.participation_rooms
+            or any(s.participation_enforced for s in self.spaces_of(room.room_id))
+        )
 
 
 NO_POLICY = OperatorPolicy()
@@ -125,18 +135,26 @@ def authorise_server(
     `permitted` servers take part. The protected homeserver is always allowed by
     participation; `knocking` exempts a server's own knock from it.
     """
+    spaces = policy.spaces_of(room.room_id) if room is not None else ()
     if room is not None:
         acl = check_server_acl(room.acl, server_name)
         if not acl.allowed:
             return Refusal(Barrier.ACL, acl.reason)
+        for space in spaces:
+            acl = check_server_acl(space.acl, server_name)
+            if not acl.allowed:
+                reason = acl.reason.replace("the room's", "the space's")
+                return Refusal(Barrier.ACL, f"{reason} (space {space.room_id})")
     if len(policy.bans) and policy.bans.bans_server(server_name):
         return Refusal(Barrier.POLICY, "server is banned by a policy list")
     if room is None or server_name == policy.local_server:
         return None
-    participation = room.participation.get(server_name.lower())
-    if participation == "deny":
+    name = server_name.lower()
+    decisions = [room.participation.get(name)] + [s.participation.get(name) for s in spaces]
+    if "deny" in decisions:
         return Refusal(Barrier.PARTICIPATION, "server's participation in the room is deny")
-    if participation != "permitted" and not knocking and policy.participation_applies(room):
+    permitted = "permitted" in decisions
+    if not permitted and not knocking and policy.participation_applies(room):
         return Refusal(
             Barrier.PARTICIPATION,
             "server is not permitted to participate in the room; "

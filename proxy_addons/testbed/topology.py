@@ -111,6 +111,7 @@ class Topology:
         self.carol: ClientApi
         self.users: dict[str, str] = {}
         self.policy_room = ""
+        self.space = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -139,9 +140,10 @@ class Topology:
         (self.workdir / "admin.token").write_text(alice_token)
         (self.workdir / "hook.token").write_text(self.hook_token)
         # A policy list modgud subscribes to (alice moderates it).
-        self.policy_room = ClientApi(self.hs1.base_url, alice_token).create_room(
-            preset="private_chat", name="modgud test bans"
-        )
+        admin = ClientApi(self.hs1.base_url, alice_token)
+        self.policy_room = admin.create_room(preset="private_chat", name="modgud test bans")
+        # A space whose policy binds its rooms (alice builds its hierarchy in tests).
+        self.space = admin.create_room(name="modgud test space")
         self._start_modgud()
         for name, hs in (("bob", self.hs2), ("carol", self.hs3)):
             user_id, token = hs.register_user(name)
@@ -162,7 +164,8 @@ class Topology:
                     f"  metrics: 127.0.0.1:{self.metrics_port}",
                     f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
                     "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
-                    f"policy: {{policy_lists: ['{self.policy_room}'], refresh_seconds: 5}}",
+                    f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
+                    " refresh_seconds: 5}",
                     f"mode: {self.mode}",
                     f"on_error: {self.on_error}",
                     f"database: {self.database}",

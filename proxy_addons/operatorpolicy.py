@@ -1,0 +1,156 @@
+"""The operator's policy, kept current without restarts: subscribed policy lists and the
+rooms of the spaces whose policy binds them.
+
+Policy rooms (spec: "Moderation policy lists") named in `policy.policy_lists` and spaces
+named in `policy.spaces` (MSC3216: the space's ACL and server participation apply in every
+room reachable through `m.space.child` with a `via`, nested, cycle-safe) are read from the
+homeserver every `policy.refresh_seconds`, and at once when the edge or the hook sees a
+relevant event go by in one of them. A room that cannot be read keeps its last known
+contribution; the checks always see one complete, immutable `OperatorPolicy`, swapped in
+whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from proxy_addons.config import Config
+from proxy_addons.statesource import StateError
+from rules.policy import SERVER_RULE_TYPES, USER_RULE_TYPES, BanList, OperatorPolicy
+from rules.roomstate import (
+    KNOCK_RULE_TYPES,
+    PARTICIPATION_TYPES,
+    RoomPolicy,
+    room_policy_from_state,
+)
+
+__all__ = ["OperatorPolicySource", "walk_space"]
+
+MAX_SPACE_ROOMS = 10_000
+MAX_SPACE_DEPTH = 16
+
+logger = logging.getLogger(__name__)
+
+RULE_TYPES = SERVER_RULE_TYPES | USER_RULE_TYPES
+SPACE_TYPES = (
+    frozenset({"m.space.child", "m.room.server_acl"}) | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
+)
+
+FetchState = Callable[[str], Awaitable[list[object] | None]]
+
+
+async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy | None, list[str]]:
+    """The space's own state and every room reachable from it through m.space.child
+    events with a `via` (nested; each room once, so cycles end; bounded)."""
+    state = await fetch_state(space_id)
+    if state is None:
+        return None, []
+    space = room_policy_from_state(space_id, state)
+    seen = {space_id}
+    rooms: list[str] = []
+    frontier = [(child, 1) for child in space.space_children]
+    while frontier and len(rooms) < MAX_SPACE_ROOMS:
+        room_id, depth = frontier.pop(0)
+        if room_id in seen:
+            continue
+        seen.add(room_id)
+        rooms.append(room_id)
+        if depth >= MAX_SPACE_DEPTH:
+            continue
+        try:
+            child_state = await fetch_state(room_id)
+        except StateError:
+            continue  # a child the homeserver cannot read still belongs to the space
+        if child_state is not None:
+            child = room_policy_from_state(room_id, child_state)
+            frontier.extend((c, depth + 1) for c in child.space_children)
+    return space, rooms
+
+
+class OperatorPolicySource:
+    def __init__(
+        self, config: Config, fetch_state: Callable[[str], Awaitable[list[object] | None]]
+    ) -> None:
+        self.rooms = tuple(config.policy_lists)
+        self.space_ids = tuple(config.spaces)
+        self._space_rooms: dict[str, tuple[RoomPolicy, list[str]]] = {}
+        self.refresh_seconds = config.policy_refresh_seconds
+        self._fetch_state = fetch_state
+        self._base = OperatorPolicy(config.server_name, frozenset(config.participation_rooms))
+        self.current = self._base
+        self._events: dict[str, list[object]] = {}
+        self._wake: asyncio.Event | None = None
+        self.refreshes = 0
+        self.errors = 0
+
+    def watches(self, room_id: str, event_type: object) -> bool:
+        if room_id in self.rooms and event_type in RULE_TYPES:
+            return True
+        return event_type in SPACE_TYPES and (
+            room_id in self.space_ids
+            or any(room_id in rooms for _, rooms in self._space_rooms.values())
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rooms or self.space_ids)
+
+    def mark_stale(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def refresh(self) -> OperatorPolicy:
+        for room_id in self.rooms:
+            try:
+                state = await self._fetch_state(room_id)
+            except StateError as e:
+                self.errors += 1
+                logger.warning("policy list %s unreadable, keeping its last rules: %s", room_id, e)
+                continue
+            if state is None:
+                self.errors += 1
+                logger.warning("policy list %s: the homeserver is not in this room", room_id)
+                continue
+            self._events[room_id] = state
+        bans = BanList.from_state(e for events in self._events.values() for e in events)
+        for space_id in self.space_ids:
+            try:
+                space, rooms = await walk_space(space_id, self._fetch_state)
+            except StateError as e:
+                self.errors += 1
+                logger.warning("space %s unreadable, keeping its last rooms: %s", space_id, e)
+                continue
+            if space is None:
+                self.errors += 1
+                logger.warning("space %s: the homeserver is not in this room", space_id)
+                continue
+            self._space_rooms[space_id] = (space, rooms)
+        spaces: dict[str, tuple[RoomPolicy, ...]] = {}
+        for space, rooms in self._space_rooms.values():
+            for room_id in rooms:
+                spaces[room_id] = (*spaces.get(room_id, ()), space)
+        self.current = OperatorPolicy(
+            self._base.local_server, self._base.participation_rooms, bans, spaces
+        )
+        self.refreshes += 1
+        return self.current
+
+    async def run(self) -> None:
+        """Refresh now, then periodically and whenever a relevant event was seen."""
+        if not self.active:
+            return
+        self._wake = asyncio.Event()
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the refresher must never die
+                self.errors += 1
+                logger.exception("refreshing policy lists failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.refresh_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await asyncio.sleep(0.5)  # let the homeserver persist the rule first
