@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from rules.policy import ACTIONS, CHECKS, SEVERITIES, CheckActions, CheckSetting
 from rules.servername import parse_server_name
 
 __all__ = ["Config", "ConfigError", "KeyServer", "Listen", "Mode", "load_config"]
@@ -76,6 +77,7 @@ class Config:
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
     spaces: tuple[str, ...] = ()
+    check_actions: CheckActions = field(default_factory=CheckActions)
     policy_refresh_seconds: float = 60.0
     # homeserver: the Client-Server API and a room admin's token, for approve/deny
     client_api: str = ""
@@ -286,12 +288,18 @@ def load_config(path: str | Path) -> Config:
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
     spaces: tuple[str, ...] = ()
+    actions = CheckActions()
     refresh = 60.0
     policy = top.child("policy")
     if policy is not None:
         participation_rooms = _room_ids(policy, "participation_rooms")
         policy_lists = _room_ids(policy, "policy_lists")
         spaces = _room_ids(policy, "spaces")
+        actions = CheckActions(
+            _checks(policy, "checks"),
+            _scoped_checks(policy, "space_checks"),
+            _scoped_checks(policy, "room_checks"),
+        )
         refresh = float(policy.get("refresh_seconds", (int, float), refresh))
         if refresh <= 0:
             raise policy.error("refresh_seconds", "must be positive")
@@ -322,6 +330,7 @@ def load_config(path: str | Path) -> Config:
         participation_rooms=participation_rooms,
         policy_lists=policy_lists,
         spaces=spaces,
+        check_actions=actions,
         policy_refresh_seconds=refresh,
         client_api=client_api,
         room_admin_token=room_admin_token,
@@ -363,3 +372,45 @@ def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:
         node.reject_unknown()
         out.append(KeyServer(server_name, tuple(keys), url, verify_tls))
     return tuple(out)
+
+
+def _checks(node: _Node, name: str) -> dict[str, CheckSetting]:
+    """`{check: action}` or `{check: {action, severity}}`, every name and value checked."""
+    checks = node.child(name)
+    if checks is None:
+        return {}
+    out: dict[str, CheckSetting] = {}
+    for check in checks.value:
+        if check not in CHECKS:
+            raise checks.error(check, f"unknown check; expected one of {', '.join(CHECKS)}")
+        raw = checks.value[check]
+        if isinstance(raw, bool):  # YAML 1.1 reads a bare `off` as false (and `on` as true)
+            setting = CheckSetting("drop" if raw else "off")
+        elif isinstance(raw, str):
+            setting = CheckSetting(checks.get(check, str))
+        else:
+            sub = checks.child(check, required=True)
+            assert sub is not None
+            setting = CheckSetting(sub.get("action", str, "drop"), sub.get("severity", str))
+            if setting.severity is not None and setting.severity not in SEVERITIES:
+                raise sub.error("severity", f"expected {', '.join(SEVERITIES)}")
+            sub.reject_unknown()
+        if setting.action not in ACTIONS:
+            raise checks.error(
+                check, f"action must be {', '.join(ACTIONS)}, not {setting.action!r}"
+            )
+        checks.used.add(check)
+        out[check] = setting
+    return out
+
+
+def _scoped_checks(node: _Node, name: str) -> dict[str, dict[str, CheckSetting]]:
+    scoped = node.child(name)
+    if scoped is None:
+        return {}
+    out = {}
+    for room_id in scoped.value:
+        if not room_id.startswith("!"):
+            raise scoped.error(room_id, "expected a room ID (!…)")
+        out[room_id] = _checks(scoped, room_id)
+    return out

@@ -26,6 +26,8 @@ from rules.checks import (
     ItemVerdict,
     StateUnavailable,
     TransactionVerdict,
+    apply_actions,
+    apply_actions_to_transaction,
     check_request_origin,
     check_transaction,
     rooms_of_transaction,
@@ -124,6 +126,7 @@ class Enforcer:
             fail_open=config.fail_open,
             policy=runtime.policy.current,
         )
+        item = apply_actions(item, runtime.policy.current)
         if not item.findings:
             return
         refuse = item.refused and config.enforcing
@@ -243,6 +246,7 @@ class Enforcer:
         verdict = check_transaction(txn, rooms, fail_open=config.fail_open, policy=policy)
         if config.verify_signatures:
             verdict = await self._check_signatures(runtime, txn, rooms, verdict)
+        verdict = apply_actions_to_transaction(verdict, policy)
         state.verdict = verdict
         for pdu in txn.pdus:
             if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
@@ -355,6 +359,7 @@ class Enforcer:
             fail_open=config.fail_open,
             policy=runtime.policy.current,
         )
+        item = apply_actions(item, runtime.policy.current)
         if not item.findings:
             return "forwarded"
         refuse = item.refused and config.enforcing

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
-from rules.checks import ItemVerdict, check_event
+from rules.checks import ItemVerdict, apply_actions, check_event
 from rules.findings import Decision
 from rules.roomstate import RELEVANT_STATE_TYPES
 from rules.servername import server_of_user
@@ -63,12 +63,15 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
         if isinstance(room_id, str)
         else None
     )
-    verdict: ItemVerdict = check_event(
-        event,
-        policy,
-        config.server_name,
-        fail_open=config.fail_open,
-        policy=runtime.policy.current,
+    verdict: ItemVerdict = apply_actions(
+        check_event(
+            event,
+            policy,
+            config.server_name,
+            fail_open=config.fail_open,
+            policy=runtime.policy.current,
+        ),
+        runtime.policy.current,
     )
     if verdict.findings:
         refuse = verdict.refused and config.enforcing

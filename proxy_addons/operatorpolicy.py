@@ -78,7 +78,11 @@ class OperatorPolicySource:
         self._space_rooms: dict[str, tuple[RoomPolicy, list[str]]] = {}
         self.refresh_seconds = config.policy_refresh_seconds
         self._fetch_state = fetch_state
-        self._base = OperatorPolicy(config.server_name, frozenset(config.participation_rooms))
+        self._base = OperatorPolicy(
+            config.server_name,
+            frozenset(config.participation_rooms),
+            actions=config.check_actions,
+        )
         self.current = self._base
         self._events: dict[str, list[object]] = {}
         self._wake: asyncio.Event | None = None
@@ -132,7 +136,11 @@ class OperatorPolicySource:
             for room_id in rooms:
                 spaces[room_id] = (*spaces.get(room_id, ()), space)
         self.current = OperatorPolicy(
-            self._base.local_server, self._base.participation_rooms, bans, spaces
+            self._base.local_server,
+            self._base.participation_rooms,
+            bans,
+            spaces,
+            self._base.actions,
         )
         self.refreshes += 1
         return self.current

@@ -22,6 +22,8 @@ from rules.signatures import SignatureCheck
 
 __all__ = [
     "UNAVAILABLE",
+    "apply_actions",
+    "apply_actions_to_transaction",
     "ItemVerdict",
     "RoomLookup",
     "StateUnavailable",
@@ -93,6 +95,47 @@ class TransactionVerdict:
         for verdict in self.items:
             out.extend(verdict.findings)
         return out
+
+
+_ALWAYS = frozenset({"malformed", "error"})
+
+
+def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
+    """The operator's per-check settings: `off` removes a check's findings, `flag` keeps
+    them without refusing, a severity replaces the finding's. An item stays refused only
+    while a finding that refuses remains (malformed input, unavailable state and checks
+    set to `drop`)."""
+    if not policy.actions or not item.findings:
+        return item
+    kept: list[Finding] = []
+    refuse = False
+    for f in item.findings:
+        setting = policy.setting(str(f.rule), f.room_id or item.room_id)
+        if setting is None:
+            kept.append(f)
+            # malformed input and unavailable state (on_error: closed) still refuse
+            refuse = refuse or (item.refused and str(f.rule).split(".")[0] in _ALWAYS)
+            continue
+        if setting.action == "off":
+            continue
+        if setting.severity is not None:
+            f = replace(f, severity=Severity(setting.severity))
+        kept.append(f)
+        refuse = refuse or (setting.action == "drop" and item.refused)
+    decision = Decision.REFUSE if refuse else Decision.ALLOW
+    return item._replace(decision=decision, findings=tuple(kept))
+
+
+def apply_actions_to_transaction(
+    verdict: TransactionVerdict, policy: OperatorPolicy
+) -> TransactionVerdict:
+    if not policy.actions:
+        return verdict
+    return TransactionVerdict(
+        tuple(apply_actions(i, policy) for i in verdict.pdus),
+        tuple(apply_actions(i, policy) for i in verdict.edus),
+        verdict.findings,
+    )
 
 
 def rooms_of_transaction(txn: Transaction) -> set[str]:

@@ -17,7 +17,12 @@ from rules.roomstate import RoomPolicy
 from rules.servername import strip_port
 
 __all__ = [
+    "ACTIONS",
     "BAN_RECOMMENDATIONS",
+    "CHECKS",
+    "SEVERITIES",
+    "CheckActions",
+    "CheckSetting",
     "NO_POLICY",
     "SERVER_RULE_TYPES",
     "USER_RULE_TYPES",
@@ -95,6 +100,56 @@ class BanList:
         return self._users.matches(user_id.lower())
 
 
+# Checks the operator can set an action for, and the finding rules each covers (by the
+# rule's family, the part before the dot). Malformed input and unavailable state are not
+# configurable: they are protocol violations and on_error's business.
+CHECKS: Mapping[str, tuple[str, ...]] = {
+    "acl": ("acl",),
+    "participation": ("participation",),
+    "policy_list": ("policy",),
+    "restricted_join": ("join",),
+    "signature": ("signature", "hash"),
+    "edu_impersonation": ("edu",),
+}
+ACTIONS = ("drop", "flag", "off")
+SEVERITIES = ("info", "warning", "high")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSetting:
+    action: str = "drop"  # drop: refuse and record; flag: record only; off: neither
+    severity: str | None = None  # overrides the finding's own severity
+
+
+@dataclass(frozen=True, slots=True)
+class CheckActions:
+    """Per-check settings, server-wide, per space and per room (room wins over space,
+    space over server-wide)."""
+
+    server: Mapping[str, CheckSetting] = field(default_factory=dict)
+    spaces: Mapping[str, Mapping[str, CheckSetting]] = field(default_factory=dict)
+    rooms: Mapping[str, Mapping[str, CheckSetting]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.server or self.spaces or self.rooms)
+
+    def setting(self, check: str, room_id: str | None, spaces: Iterable[str]) -> CheckSetting:
+        if room_id is not None and check in self.rooms.get(room_id, {}):
+            return self.rooms[room_id][check]
+        for space_id in spaces:
+            if check in self.spaces.get(space_id, {}):
+                return self.spaces[space_id][check]
+        return self.server.get(check, DEFAULT_SETTING)
+
+
+DEFAULT_SETTING = CheckSetting()
+_FAMILY_TO_CHECK = {family: check for check, families in CHECKS.items() for family in families}
+
+
+def check_of_rule(rule: str) -> str | None:
+    return _FAMILY_TO_CHECK.get(rule.split(".", 1)[0])
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorPolicy:
     """What the operator configured, on top of each room's own state."""
@@ -105,6 +160,15 @@ class OperatorPolicy:
     # room → the state of the spaces it belongs to (MSC3216: a space's policy binds its
     # rooms): their ACL and participation apply in the room too.
     spaces: Mapping[str, tuple[RoomPolicy, ...]] = field(default_factory=dict)
+    actions: CheckActions = field(default_factory=CheckActions)
+
+    def setting(self, rule: str, room_id: str | None) -> CheckSetting | None:
+        """The operator's setting for the check behind `rule`; None: not configurable."""
+        check = check_of_rule(rule)
+        if check is None:
+            return None
+        spaces = (s.room_id for s in self.spaces_of(room_id)) if room_id else ()
+        return self.actions.setting(check, room_id, spaces)
 
     def spaces_of(self, room_id: str) -> tuple[RoomPolicy, ...]:
         return self.spaces.get(room_id, ())

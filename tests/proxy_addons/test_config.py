@@ -98,6 +98,25 @@ def test_full_config_reads_tokens_from_files(tmp_path):
             6,
             "unknown key",
         ),
+        (
+            MINIMAL + "policy:\n  checks:\n    acls: drop\n",
+            "policy.checks.acls",
+            5,
+            "unknown check",
+        ),
+        (
+            MINIMAL + "policy:\n  checks:\n    acl: maybe\n",
+            "policy.checks.acl",
+            5,
+            "action must be",
+        ),
+        (
+            MINIMAL + "policy:\n  room_checks:\n    '!r:x':\n      acl: {severity: loud}\n",
+            "policy.room_checks.!r:x.acl.severity",
+            6,
+            "expected info",
+        ),
+        (MINIMAL + "policy:\n  spaces: [lobby]\n", "policy.spaces", 4, "room IDs"),
     ],
 )
 def test_config_errors_name_file_key_and_line(tmp_path, text, key, line, message):
@@ -149,3 +168,22 @@ def test_trusted_key_servers(tmp_path):
     assert server.url == "https://matrix.org"
     assert server.verify_keys == (("ed25519:auto", "Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP8GBQ"),)
     assert server.verify_tls is True
+
+
+def test_check_settings_scoped(tmp_path):
+    """Per check an action and severity, server-wide, per space, per room."""
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + "policy:\n  checks: {acl: flag, participation: {action: drop, severity: high}}\n"
+            "  space_checks: {'!s:x': {policy_list: off}}\n"
+            "  room_checks: {'!r:x': {acl: drop}}\n",
+        )
+    )
+    actions = config.check_actions
+    assert actions.setting("acl", None, ()).action == "flag"
+    assert actions.setting("acl", "!r:x", ()).action == "drop"
+    assert actions.setting("policy_list", "!other:x", ["!s:x"]).action == "off"
+    assert actions.setting("participation", None, ()).severity == "high"
+    assert actions.setting("signature", None, ()).action == "drop"  # default

@@ -236,3 +236,29 @@ def test_hook_does_not_require_the_local_servers_signature_on_a_join_it_vouches_
     assert check_restricted_join(event, room, policy, in_hook=True) is None
     other = join("@lee:leaky.test", ("unknown.test",)).event
     assert check_restricted_join(other, room, policy, in_hook=True) is not None
+
+
+def test_operator_actions_flag_off_and_severity():
+    """flag: recorded, not refused; off: no finding; a severity replaces the finding's;
+    malformed input is refused whatever the settings."""
+    from rules.checks import apply_actions
+    from rules.policy import CheckActions, CheckSetting
+
+    rooms = {
+        ROOM: state(
+            {
+                "type": "m.room.server_acl",
+                "state_key": "",
+                "content": {"allow": ["*"], "deny": ["evil.test"]},
+            }
+        )
+    }
+    refused = check_pdu(pdu("@a:evil.test"), "evil.test", rooms, fail_open=True)
+    assert refused.decision is Decision.REFUSE
+    flag = OperatorPolicy(LOCAL, actions=CheckActions({"acl": CheckSetting("flag", "info")}))
+    flagged = apply_actions(refused, flag)
+    assert flagged.decision is Decision.ALLOW
+    assert [(f.rule, str(f.severity)) for f in flagged.findings] == [(Rule.ACL_ORIGIN, "info")]
+    off = OperatorPolicy(LOCAL, actions=CheckActions(rooms={ROOM: {"acl": CheckSetting("off")}}))
+    assert apply_actions(refused, off).findings == ()
+    assert apply_actions(refused, off).decision is Decision.ALLOW
