@@ -17,6 +17,7 @@ from proxy_addons.config import Config, ConfigError, load_config
 from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.spaces import run_plan, write_plan
 from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
+from rules.policy import CHECKS
 
 __all__ = ["main"]
 
@@ -156,6 +157,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"  state from   {config.admin_api} (admin token {'set' if config.admin_token else 'MISSING'})"
     )
     print(f"  database     {config.database}")
+    print(f"  key servers  {', '.join(k.server_name for k in config.trusted_key_servers) or '-'}")
+    print(f"  policy lists {', '.join(config.policy_lists) or '-'}")
+    print(f"  spaces       {', '.join(config.spaces) or '-'}")
+    print(f"  participation rooms {', '.join(config.participation_rooms) or '-'}")
+    actions = config.check_actions
+    for check in CHECKS:
+        setting = actions.setting(check, None, ())
+        scoped = sum(check in c for c in (*actions.spaces.values(), *actions.rooms.values()))
+        print(
+            f"  check {check:<18} {setting.action}"
+            + (f" (severity {setting.severity})" if setting.severity else "")
+            + (f"; {scoped} room/space override(s)" if scoped else "")
+        )
+    if not config.room_admin_token:
+        print(
+            "  note: without homeserver.room_admin_token_file, approve/deny/spaces sync cannot write"
+        )
     if not config.admin_token:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")
     return 0

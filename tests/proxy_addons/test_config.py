@@ -187,3 +187,22 @@ def test_check_settings_scoped(tmp_path):
     assert actions.setting("policy_list", "!other:x", ["!s:x"]).action == "off"
     assert actions.setting("participation", None, ()).severity == "high"
     assert actions.setting("signature", None, ()).action == "drop"  # default
+
+
+def test_shipped_example_config_is_valid(tmp_path):
+    """docs/modgud.example.yaml loads (its token and TLS files stubbed) and check-config
+    reports its policy."""
+    import shutil
+    from pathlib import Path
+
+    from proxy_addons.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "modgud.example.yaml"
+    path = tmp_path / "modgud.yaml"
+    shutil.copy(example, path)
+    for name in ("fullchain.pem", "privkey.pem", "hook.token", "admin.token", "moderator.token"):
+        (tmp_path / name).write_text("x")
+    config = load_config(path)
+    assert config.policy_lists == ("!banlist:example.org",)
+    assert config.check_actions.setting("edu_impersonation", None, ()).action == "flag"
+    assert main(["check-config", str(path)]) == 0
