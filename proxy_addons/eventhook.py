@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
-from rules.checks import ItemVerdict, apply_actions, check_event
+from rules.checks import ItemVerdict, apply_actions, check_event, check_invite
 from rules.findings import Decision
 from rules.roomstate import RELEVANT_STATE_TYPES
 from rules.servername import server_of_user
@@ -32,6 +32,23 @@ logger = logging.getLogger(__name__)
 
 def _allow() -> web.Response:
     return web.json_response({})
+
+
+def _authorized(runtime: Runtime, request: web.Request) -> bool:
+    token = runtime.config.hook_token
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return True
+    logger.error("event hook call with a wrong or missing bearer token")
+    return False
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(
+        {"errcode": "M_UNKNOWN_TOKEN", "error": "modgud: bad hook token"}, status=401
+    )
 
 
 def _refuse(reason: str) -> web.Response:
@@ -91,16 +108,10 @@ def make_app(holder: RuntimeHolder) -> web.Application:
         started = time.perf_counter()
         answer, decided_by = _allow(), "error"
         try:
-            token = runtime.config.hook_token
-            if token is not None:
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    decided_by = "unauthorized"
-                    logger.error("event hook call with a wrong or missing bearer token")
-                    return web.json_response(
-                        {"errcode": "M_UNKNOWN_TOKEN", "error": "modgud: bad hook token"},
-                        status=401,
-                    )
+            if not _authorized(runtime, request):
+                decided_by = "unauthorized"
+                answer = _unauthorized()
+                return answer
             try:
                 body = await request.json()
             except ValueError:
@@ -128,6 +139,50 @@ def make_app(holder: RuntimeHolder) -> web.Application:
             ).inc()
             runtime.metrics.hook_seconds.observe(time.perf_counter() - started)
 
+    async def user_may_invite(request: web.Request) -> web.Response:
+        """A local user invites someone: refused when the invitee's server may not take
+        part in the room (ACL, policy lists, participation)."""
+        runtime = holder.runtime
+        if runtime is None or not _authorized(runtime, request):
+            return _allow() if runtime is None else _unauthorized()
+        answer = _allow()
+        try:
+            body = await request.json()
+            inviter, invitee, room_id = (body.get(k) for k in ("inviter", "invitee", "room_id"))
+            if not all(isinstance(v, str) for v in (inviter, invitee, room_id)):
+                return web.json_response({"errcode": "M_BAD_JSON", "error": "bad body"}, status=400)
+            config = runtime.config
+            room = await runtime.state.get(room_id, config.hook_state_timeout_seconds)
+            policy = runtime.policy.current
+            verdict = apply_actions(
+                check_invite(
+                    inviter, invitee, room, room_id, fail_open=config.fail_open, policy=policy
+                ),
+                policy,
+            )
+            refuse = verdict.refused and config.enforcing
+            if verdict.findings:
+                record_findings(
+                    runtime,
+                    verdict.findings,
+                    action="dropped" if refuse else "flagged",
+                    endpoint="hook",
+                )
+            if refuse:
+                answer = _refuse("; ".join(f.detail for f in verdict.findings))
+            return answer
+        except Exception:
+            logger.exception("internal error in the invite hook")
+            runtime.metrics.internal_errors.labels("hook").inc()
+            if runtime.config.fail_open or not runtime.config.enforcing:
+                return _allow()
+            answer = _refuse("modgud: internal error (on_error: closed)")
+            return answer
+        finally:
+            runtime.metrics.hook_calls.labels(
+                "user_may_invite", "refuse" if answer.status == 403 else "allow", "hook"
+            ).inc()
+
     async def ping(request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -143,6 +198,9 @@ def make_app(holder: RuntimeHolder) -> web.Application:
 
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post("/check_event_for_spam", check_event_for_spam)
+    # A remote server's invite is an event like any other: judged as check_event_for_spam.
+    app.router.add_post("/federated_user_may_invite", check_event_for_spam)
+    app.router.add_post("/user_may_invite", user_may_invite)
     app.router.add_post("/ping", ping)
     app.router.add_post("/{callback}", other_callback)
     return app

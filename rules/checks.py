@@ -30,6 +30,7 @@ __all__ = [
     "TransactionVerdict",
     "check_edu",
     "check_event",
+    "check_invite",
     "check_pdu",
     "check_request_origin",
     "check_transaction",
@@ -543,6 +544,39 @@ def check_event(
         for rule, detail in reasons
     )
     return ItemVerdict(0, Decision.REFUSE, findings, eid, rid)
+
+
+def check_invite(
+    inviter: str,
+    invitee: str,
+    room: RoomPolicy | None | StateUnavailable,
+    room_id: str,
+    *,
+    fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
+) -> ItemVerdict:
+    """A local user inviting `invitee` (synapse-http-antispam's user_may_invite): refused
+    when the invitee's server may not take part in the room — the invite would hand the
+    room to a server the room, a policy list or the room's participation keeps out."""
+    server = server_of_user(invitee)
+    if server is None:
+        return ItemVerdict(0, Decision.ALLOW, room_id=room_id)
+    if isinstance(room, StateUnavailable):
+        return _unavailable(0, fail_open, room_id, server)
+    refusal = authorise_server(server, room, policy)
+    if refusal is None:
+        return ItemVerdict(0, Decision.ALLOW, room_id=room_id)
+    finding = Finding(
+        _SENDER_RULES[refusal.barrier],
+        Severity.WARNING,
+        f"{inviter} invited {invitee}: {refusal.reason}",
+        room_id=room_id,
+        event_type="m.room.member",
+        sender=inviter,
+        sender_server=server,
+        confidence=Confidence.HIGH,
+    )
+    return ItemVerdict(0, Decision.REFUSE, (finding,), room_id=room_id)
 
 
 def with_signature_check(

@@ -367,6 +367,9 @@ class ClientApi:
         )
         return str(self._call("POST", f"/join/{quote(room_id, safe='')}{query}", {})["room_id"])
 
+    def invite(self, room_id: str, user_id: str) -> None:
+        self._call("POST", f"/rooms/{quote(room_id, safe='')}/invite", {"user_id": user_id})
+
     def send_message(self, room_id: str, body: str) -> str:
         txn = secrets.token_hex(8)
         content = {"msgtype": "m.text", "body": body}

@@ -77,7 +77,11 @@ class Topology:
             "config": {
                 "base_url": f"http://127.0.0.1:{self.hook_port}",
                 "authorization": self.hook_token,
-                "enabled_callbacks": ["check_event_for_spam"],
+                "enabled_callbacks": [
+                    "check_event_for_spam",
+                    "user_may_invite",
+                    "federated_user_may_invite",
+                ],
                 # Fail closed in tests: a broken hook must show, not silently allow.
                 "fail_open": {"check_event_for_spam": False},
             },

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy_addons.testbed.homeserver import ClientApi, ClientError
 from proxy_addons.testbed.peer import PeerError
 
 pytestmark = pytest.mark.e2e
@@ -141,6 +142,12 @@ def test_policy_list_ban_blocks_origin_and_author_in_every_room(enforce_topology
     assert [(f["rule"], f["attributed_to"]) for f in rows] == [("policy.sender", topo.leaky.name)]
     bodies = [e["content"].get("body") for r in rooms for e in topo.alice.messages(r)]
     assert "spam relayed" not in bodies
+    # The hook's user_may_invite (Synapse skips it for server admins, so not alice).
+    _, token = topo.hs1.register_user("dave")
+    dave = ClientApi(topo.hs1.base_url, token)
+    with pytest.raises(ClientError) as refused:
+        dave.invite(dave.create_room(), topo.spammer.user("other"))
+    assert refused.value.status == 403 and "policy list" in refused.value.body
 
     topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-denied", {})
 

@@ -113,3 +113,21 @@ async def test_acl_state_event_marks_room_stale(make_runtime):
     )
     await holder.runtime.state.get(ROOM, 1)
     assert source.fetches == 2
+
+
+async def test_inviting_a_user_of_a_denied_server_is_refused(make_runtime):
+    """user_may_invite: a local user inviting someone whose server the room denies gets
+    403 (the invite would hand the room to that server); other invites pass; the token
+    is required."""
+    holder = make_runtime()
+    invite = {"inviter": "@a:hs.test", "invitee": "@x:denied.test", "room_id": ROOM}
+    status, body = await post(holder, invite, path="/user_may_invite")
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    assert "denied" in body["error"]
+    fine = {**invite, "invitee": "@y:good.test"}
+    assert (await post(holder, fine, path="/user_may_invite"))[0] == 200
+    assert holder.runtime.store.flush(5)
+    rows = list(query_findings([holder.runtime.config.database]))
+    assert [(r["rule"], r["action"], r["sender"]) for r in rows] == [
+        ("acl.sender", "dropped", "@a:hs.test")
+    ]
