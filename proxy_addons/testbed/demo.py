@@ -15,7 +15,14 @@ from typing import Any
 from proxy_addons.testbed.scenarios import SCENARIOS, Outcome, Stage, run_scenario
 from proxy_addons.testbed.topology import Topology
 
-CHAPTERS = ["benign_chat", "knock", "denied_origin_posts", "relayed_leak", "built_on_denied"]
+CHAPTERS = [
+    "benign_chat",
+    "knock",
+    "knock_approved",
+    "denied_origin_posts",
+    "relayed_leak",
+    "built_on_denied",
+]
 
 
 def say(text: str = "") -> None:

@@ -25,14 +25,18 @@ blame nobody (a forged request, an event pulled by the homeserver itself).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from signedjson.key import generate_signing_key
 
-from proxy_addons.testbed.peer import FederationResponse, PeerServer
+from proxy_addons.store import query_knocks
+from proxy_addons.testbed.peer import FederationResponse, PeerError, PeerServer
 from proxy_addons.testbed.topology import Topology
 
 __all__ = ["SCENARIOS", "Expected", "Outcome", "Scenario", "Stage", "run_scenario"]
@@ -192,6 +196,41 @@ def _join_and_leave(stage: Stage) -> None:
     stage.open_room()
     stage.join("leaky", "visitor")
     stage.join("leaky", "visitor", "leave")
+
+
+def _knock_approved(stage: Stage) -> None:
+    """A room that lets in only permitted servers (MSC4124 knock rule `active`): an unknown
+    server knocks, the moderator approves it with `modgud approve`, it joins and posts."""
+    stage.open_room()
+    stage.topo.alice.send_state(stage.room_id, "m.server.knock_rule", "", {"rule": "active"})
+    unknown = stage.peer_server("unknown")
+    stage.send(
+        "unknown", edus=[{"edu_type": "m.server.knock", "content": {"room_id": stage.room_id}}]
+    )
+    database = str(stage.topo.database)
+    deadline = time.monotonic() + 15
+    while not query_knocks(database, room=stage.room_id) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    modgud = Path(sys.executable).with_name("modgud")
+    approve = [
+        str(modgud),
+        "approve",
+        stage.room_id,
+        unknown.name,
+        "--config",
+        str(stage.topo.config_path),
+    ]
+    subprocess.run(approve, check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            user = stage.join("unknown", "admitted")
+            break
+        except PeerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # until modgud has refetched the room's state
+    stage.send("unknown", [stage.message("unknown", user, "admitted after approval")])
 
 
 def _denied_origin_posts(stage: Stage) -> None:
@@ -411,6 +450,18 @@ SCENARIOS: list[Scenario] = [
         _join_and_leave,
         enforce=Expected(members=(("leaky", "visitor", "leave"),)),
         audit=Expected(members=(("leaky", "visitor", "leave"),)),
+        hostile=False,
+    ),
+    Scenario(
+        "knock_approved",
+        "an unknown server knocks on a room open to permitted servers only; the moderator approves it",
+        _knock_approved,
+        enforce=Expected(
+            reach=("admitted after approval",), members=(("unknown", "admitted", "join"),)
+        ),
+        audit=Expected(
+            reach=("admitted after approval",), members=(("unknown", "admitted", "join"),)
+        ),
         hostile=False,
     ),
     Scenario(
