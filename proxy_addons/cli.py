@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy_addons.config import Config, ConfigError, load_config
+from proxy_addons.leaks import query_leaks
 from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.spaces import run_plan, write_plan
 from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
@@ -316,6 +317,41 @@ def cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaks(args: argparse.Namespace) -> int:
+    paths = args.db or [_database(args)]
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"modgud leaks: no database at {path}", file=sys.stderr)
+            return 2
+    try:
+        groups = query_leaks(paths, room=args.room, since=args.since)
+    except ValueError as e:
+        print(f"modgud leaks: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for g in groups:
+            print(json.dumps(g, ensure_ascii=False))
+        return 0
+    if not groups:
+        print("no leaks")
+        return 0
+    room = None
+    for g in groups:
+        if g["room_id"] != room:
+            room = g["room_id"]
+            print(f"\n{room}")
+        print(
+            f"  blamed {g['blamed']}: {len(g['events'])} event(s) by {', '.join(g['authors']) or '-'};"
+            f" evidence {g['evidence']} ({', '.join(g['rules'])}), {g['refused']} refused;"
+            f" confidence {g['confidence']}; {_format_ts(g['first_seen'])} .. {_format_ts(g['last_seen'])}"
+        )
+        for event_id in g["events"][:5]:
+            print(f"      {event_id}")
+        if len(g["events"]) > 5:
+            print(f"      … and {len(g['events']) - 5} more")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modgud", description="Federation firewall and leak detector for Matrix homeservers."
@@ -342,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="JSON lines: " + ", ".join(FINDING_COLUMNS)
     )
     findings.set_defaults(func=cmd_findings)
+
+    leaks = sub.add_parser("leaks", help="per room: leaked events and the servers blamed")
+    leaks.add_argument("--db", action="append", help="findings database (repeat per replica)")
+    leaks.add_argument("--config", "-c", help="take the database path from this config")
+    leaks.add_argument("--room", help="only this room ID")
+    leaks.add_argument("--since", type=parse_since, help="30m, 2h, 7d, Unix or ISO time")
+    leaks.add_argument("--json", action="store_true", help="JSON lines, one per room and server")
+    leaks.set_defaults(func=cmd_leaks)
 
     knocks = sub.add_parser("knocks", help="servers waiting for approval (m.server.knock)")
     knocks.add_argument("--db", help="findings database")

@@ -243,10 +243,15 @@ class Enforcer:
             rooms_of_transaction(txn), config.state_timeout_seconds
         )
         policy = runtime.policy.current
-        verdict = check_transaction(txn, rooms, fail_open=config.fail_open, policy=policy)
+        verdict = check_transaction(
+            txn, rooms, fail_open=config.fail_open, policy=policy, refused=runtime.refused.rooms
+        )
         if config.verify_signatures:
             verdict = await self._check_signatures(runtime, txn, rooms, verdict)
         verdict = apply_actions_to_transaction(verdict, policy)
+        for item in verdict.pdus:
+            if item.findings:
+                runtime.refused.add_findings(item.findings)
         state.verdict = verdict
         for pdu in txn.pdus:
             if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:

@@ -91,6 +91,7 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
         runtime.policy.current,
     )
     if verdict.findings:
+        runtime.refused.add_findings(verdict.findings)
         refuse = verdict.refused and config.enforcing
         record_findings(
             runtime, verdict.findings, action="dropped" if refuse else "flagged", endpoint="hook"

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy_addons.config import Config
 from proxy_addons.keys import KeyCache
+from proxy_addons.leaks import RefusedEvents
 from proxy_addons.metrics import Metrics
 from proxy_addons.operatorpolicy import OperatorPolicySource
 from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
@@ -36,6 +37,7 @@ class Runtime:
     keys: KeyCache
     verdicts: VerdictCache
     policy: OperatorPolicySource
+    refused: RefusedEvents = field(default_factory=RefusedEvents)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     def session(self) -> aiohttp.ClientSession:
@@ -90,6 +92,7 @@ def build_runtime(
         policy=OperatorPolicySource(config, state_source.fetch_state),
     )
     holder.append(runtime)
+    runtime.refused.load(config.database)
     metrics.rooms_cached.set_function(lambda: len(runtime.state))
     metrics.verdicts_cached.set_function(lambda: len(runtime.verdicts))
     metrics.policy_rules.set_function(lambda: len(runtime.policy.current.bans))

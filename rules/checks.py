@@ -32,6 +32,8 @@ __all__ = [
     "check_event",
     "check_invite",
     "check_pdu",
+    "check_references",
+    "event_references",
     "check_request_origin",
     "check_transaction",
     "rooms_of_transaction",
@@ -106,7 +108,7 @@ def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
     them without refusing, a severity replaces the finding's. An item stays refused only
     while a finding that refuses remains (malformed input, unavailable state and checks
     set to `drop`)."""
-    if not policy.actions or not item.findings:
+    if not item.findings:
         return item
     kept: list[Finding] = []
     refuse = False
@@ -130,7 +132,7 @@ def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
 def apply_actions_to_transaction(
     verdict: TransactionVerdict, policy: OperatorPolicy
 ) -> TransactionVerdict:
-    if not policy.actions:
+    if not any(i.findings for i in verdict.items):
         return verdict
     return TransactionVerdict(
         tuple(apply_actions(i, policy) for i in verdict.pdus),
@@ -186,7 +188,13 @@ _SENDER_RULES = {
 _SERVER_RULES = frozenset({*_ORIGIN_RULES.values(), *_SENDER_RULES.values()})
 # Findings that refuse the event; the others (unknown room version) only inform.
 REFUSING_RULES = frozenset(
-    {*_ORIGIN_RULES.values(), *_SENDER_RULES.values(), Rule.POLICY_USER, Rule.RESTRICTED_JOIN}
+    {
+        *_ORIGIN_RULES.values(),
+        *_SENDER_RULES.values(),
+        Rule.POLICY_USER,
+        Rule.RESTRICTED_JOIN,
+        Rule.LEAK_REFERENCE,
+    }
 )
 
 
@@ -264,11 +272,45 @@ def _servers_refusals(
     return [(_SENDER_RULES[refusal.barrier], Severity.HIGH, Confidence.MEDIUM, detail)]
 
 
+def event_references(event: Mapping[str, object]) -> list[str]:
+    """The IDs in prev_events and auth_events, in either event format."""
+    out: list[str] = []
+    for name in ("prev_events", "auth_events"):
+        refs = event.get(name)
+        if not isinstance(refs, list):
+            continue
+        for ref in refs[:100]:
+            if isinstance(ref, str):
+                out.append(ref)
+            elif isinstance(ref, list) and ref and isinstance(ref[0], str):
+                out.append(ref[0])  # room v1/v2: [event_id, hashes]
+    return out
+
+
+def check_references(event: Mapping[str, object], refused: Mapping[str, str]) -> str | None:
+    """Why an event builds on events written by servers refused in its room (its
+    prev_events or auth_events name them), or None. `refused`: event ID → author server,
+    for the room (spec: Server-Server API, "Server Access Control Lists": inspecting
+    prev_events is the way to find servers that break ACLs)."""
+    if not refused:
+        return None
+    hits = [(ref, refused[ref]) for ref in event_references(event) if ref in refused]
+    if not hits:
+        return None
+    first, author = hits[0]
+    more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
+    return f"builds on {first}, written by {author} and refused in the room{more}"
+
+
 def _event_refusals(
-    pdu: Pdu, room: RoomPolicy, policy: OperatorPolicy
+    pdu: Pdu, room: RoomPolicy, policy: OperatorPolicy, refused: Mapping[str, str]
 ) -> list[tuple[Rule, Severity, Confidence, str]]:
-    """Checks of the event itself, beyond the servers: user bans and restricted joins."""
+    """Checks of the event itself, beyond the servers: user bans, restricted joins, and
+    references to refused events."""
     out: list[tuple[Rule, Severity, Confidence, str]] = []
+    why_reference = check_references(pdu.event, refused) if refused else None
+    if why_reference is not None:
+        out.append((Rule.LEAK_REFERENCE, Severity.HIGH, Confidence.MEDIUM, why_reference))
     if len(policy.bans) and policy.bans.bans_user(pdu.sender):
         out.append(
             (
@@ -293,6 +335,7 @@ def check_pdu(
     fail_open: bool,
     policy: OperatorPolicy = NO_POLICY,
     servers_checked: bool = False,
+    refused: Mapping[str, str] | None = None,
 ) -> ItemVerdict:
     """Check one PDU delivered by `origin` against its room's state and the operator's
     policy. `servers_checked`: origin and author already passed for this room."""
@@ -303,7 +346,7 @@ def check_pdu(
         # The homeserver does not know the room: no policy to apply, it decides itself.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
     refusals = [] if servers_checked else _servers_refusals(pdu, origin, room, policy)
-    refusals += _event_refusals(pdu, room, policy)
+    refusals += _event_refusals(pdu, room, policy, refused or {})
     if not refusals:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
@@ -425,8 +468,11 @@ def check_transaction(
     *,
     fail_open: bool,
     policy: OperatorPolicy = NO_POLICY,
+    refused: Mapping[str, Mapping[str, str]] | None = None,
 ) -> TransactionVerdict:
-    """Check every item of a parsed transaction; the caller has checked `txn.error`."""
+    """Check every item of a parsed transaction; the caller has checked `txn.error`.
+    `refused`: per room, the events written by servers refused there (ID → author)."""
+    refused = refused or {}
     origin = txn.origin or ""
     # A transaction's PDUs mostly share a room and an author: whether both servers may
     # take part is decided once per (room, author server) and transaction.
@@ -435,11 +481,23 @@ def check_transaction(
     for pdu in txn.pdus:
         key = (pdu.room_id, pdu.sender_server)
         checked = key in servers_ok
-        if checked and not len(policy.bans) and pdu.event_type != "m.room.member":
+        in_refused_room = pdu.room_id in refused
+        if (
+            checked
+            and not len(policy.bans)
+            and pdu.event_type != "m.room.member"
+            and not in_refused_room
+        ):
             pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
             continue
         item = check_pdu(
-            pdu, origin, rooms, fail_open=fail_open, policy=policy, servers_checked=checked
+            pdu,
+            origin,
+            rooms,
+            fail_open=fail_open,
+            policy=policy,
+            servers_checked=checked,
+            refused=refused.get(pdu.room_id) if in_refused_room else None,
         )
         if not checked and not any(f.rule in _SERVER_RULES for f in item.findings):
             if not isinstance(rooms.get(pdu.room_id), StateUnavailable):

@@ -110,6 +110,7 @@ CHECKS: Mapping[str, tuple[str, ...]] = {
     "restricted_join": ("join",),
     "signature": ("signature", "hash"),
     "edu_impersonation": ("edu",),
+    "leaks": ("leak",),
 }
 ACTIONS = ("drop", "flag", "off")
 SEVERITIES = ("info", "warning", "high")
@@ -130,19 +131,19 @@ class CheckActions:
     spaces: Mapping[str, Mapping[str, CheckSetting]] = field(default_factory=dict)
     rooms: Mapping[str, Mapping[str, CheckSetting]] = field(default_factory=dict)
 
-    def __bool__(self) -> bool:
-        return bool(self.server or self.spaces or self.rooms)
-
     def setting(self, check: str, room_id: str | None, spaces: Iterable[str]) -> CheckSetting:
         if room_id is not None and check in self.rooms.get(room_id, {}):
             return self.rooms[room_id][check]
         for space_id in spaces:
             if check in self.spaces.get(space_id, {}):
                 return self.spaces[space_id][check]
-        return self.server.get(check, DEFAULT_SETTING)
+        return self.server.get(check) or DEFAULT_SETTINGS.get(check, DEFAULT_SETTING)
 
 
 DEFAULT_SETTING = CheckSetting()
+# Building on a refused event is evidence against its author, but the event itself may be
+# fine: recorded, not refused, unless the operator says drop.
+DEFAULT_SETTINGS: Mapping[str, CheckSetting] = {"leaks": CheckSetting("flag")}
 _FAMILY_TO_CHECK = {family: check for check, families in CHECKS.items() for family in families}
 
 

@@ -252,6 +252,19 @@ def _relayed_leak(stage: Stage) -> None:
     )
 
 
+def _built_on_leak(stage: Stage) -> None:
+    """The leaky server relays the denied server's message, then builds its own next
+    event on it (prev_events): the spec's own way to find servers that break ACLs."""
+    stage.open_room()
+    dee = stage.join("denied", "dee")
+    lee = stage.join("leaky", "lee")
+    stage.deny("denied")
+    leak = stage.message("denied", dee, "leaked first")
+    stage.send("leaky", [leak])
+    built = stage.message("leaky", lee, "built on the leak", prev_events=[stage.event_id(leak)])
+    stage.send("leaky", [built])
+
+
 def _relayed_denied_join(stage: Stage) -> None:
     stage.open_room()
     stage.join("leaky", "lee")
@@ -477,14 +490,28 @@ SCENARIOS: list[Scenario] = [
         "relayed_leak",
         "the leaky server relays the denied server's messages, alone and mixed",
         _relayed_leak,
+        # "relay's own" is built on the message relayed alone before it: a reference too.
         enforce=Expected(
             reach=("relay's own",),
             hidden=("relayed alone", "relayed mixed"),
-            findings=(("acl.sender", "leaky"),),
+            findings=(("acl.sender", "leaky"), ("leak.reference", "leaky")),
         ),
         audit=Expected(
             reach=("relay's own", "relayed alone", "relayed mixed"),
-            findings=(("acl.sender", "leaky"),),
+            findings=(("acl.sender", "leaky"), ("leak.reference", "leaky")),
+        ),
+    ),
+    Scenario(
+        "built_on_leak",
+        "the leaky server relays the denied server's message, then builds on it",
+        _built_on_leak,
+        enforce=Expected(
+            hidden=("leaked first",),
+            findings=(("acl.sender", "leaky"), ("leak.reference", "leaky")),
+        ),
+        audit=Expected(
+            reach=("leaked first",),
+            findings=(("acl.sender", "leaky"), ("leak.reference", "leaky")),
         ),
     ),
     Scenario(

@@ -100,3 +100,32 @@ async def test_policy_list_ban_applies_in_every_room_and_follows_the_list(make_r
     await holder.runtime.policy.refresh()
     allowed = await run(holder, send_flow("x.denied.test", [pdu("@a:x.denied.test", body="2")]))
     assert allowed.response is None
+
+
+async def test_reference_to_relayed_leak_and_the_leaks_report(make_runtime, capsys):
+    """The relay's next event built on the leaked one: leak.reference blamed on the relay;
+    `modgud leaks` groups both per room and blamed server; a restart remembers."""
+    from proxy_addons.cli import main
+    from proxy_addons.leaks import RefusedEvents
+    from rules.eventhash import compute_event_id
+    from rules.roomversion import get_room_version
+
+    holder = make_runtime()
+    leaked = pdu("@evil:denied.test", body="leak")
+    await run(holder, send_flow("relay.test", [leaked]))  # refused: acl.sender
+    leaked_id = compute_event_id(leaked, get_room_version("10"))
+    built = pdu("@ok:relay.test", body="on top")
+    built["prev_events"] = [leaked_id]
+    flow = await run(holder, send_flow("relay.test", [built], txn_id="t2"))
+    assert flow.response is None  # flagged, forwarded
+    found = [(r["rule"], r["action"], r["attributed_to"]) for r in rows(holder)]
+    assert found == [
+        ("acl.sender", "rejected", "relay.test"),
+        ("leak.reference", "flagged", "relay.test"),
+    ]
+    database = holder.runtime.config.database
+    assert main(["leaks", "--db", database]) == 0
+    report = capsys.readouterr().out
+    assert "blamed relay.test: 2 event(s)" in report and "leak.reference" in report
+    restarted = RefusedEvents()
+    assert restarted.load(database) == 1 and restarted.rooms[ROOM] == {leaked_id: "denied.test"}

@@ -262,3 +262,23 @@ def test_operator_actions_flag_off_and_severity():
     off = OperatorPolicy(LOCAL, actions=CheckActions(rooms={ROOM: {"acl": CheckSetting("off")}}))
     assert apply_actions(refused, off).findings == ()
     assert apply_actions(refused, off).decision is Decision.ALLOW
+
+
+def test_reference_to_a_refused_event_is_a_leak_finding_flagged_by_default():
+    """prev_events or auth_events naming an event a refused server wrote: leak.reference,
+    blamed on the server that built on it; recorded, not refused, unless set to drop."""
+    from rules.checks import apply_actions, check_references
+    from rules.policy import CheckActions, CheckSetting
+
+    refused = {"$leak": "denied.test"}
+    v1 = {"prev_events": [["$leak", {"sha256": "x"}]], "auth_events": []}
+    assert "denied.test" in check_references(v1, refused)
+    assert check_references({"prev_events": ["$fine"], "auth_events": ["$a"]}, refused) is None
+    built = pdu("@lee:leaky.test")
+    built.event["prev_events"].append("$leak")
+    item = check_pdu(built, "leaky.test", {ROOM: state()}, fail_open=True, refused=refused)
+    (finding,) = item.findings
+    assert (finding.rule, finding.attributed_to) == (Rule.LEAK_REFERENCE, "leaky.test")
+    assert apply_actions(item, OperatorPolicy(LOCAL)).decision is Decision.ALLOW
+    drop = OperatorPolicy(LOCAL, actions=CheckActions({"leaks": CheckSetting("drop")}))
+    assert apply_actions(item, drop).decision is Decision.REFUSE
