@@ -28,6 +28,7 @@ class ConfigError(Exception):
 class Mode(enum.StrEnum):
     ENFORCE = "enforce"
     AUDIT = "audit"
+    SINK = "sink"  # a mirror's copy of the traffic: audit, answered locally, never forwarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +243,7 @@ def load_config(path: str | Path) -> Config:
 
     mode_text = top.get("mode", str, "enforce")
     if mode_text not in {m.value for m in Mode}:
-        raise top.error("mode", f"expected enforce or audit, got {mode_text!r}")
+        raise top.error("mode", f"expected enforce, audit or sink, got {mode_text!r}")
     on_error = top.get("on_error", str, "open")
     if on_error not in ("open", "closed"):
         raise top.error("on_error", f"expected open or closed, got {on_error!r}")

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from mitmproxy import http
 
+from proxy_addons.config import Mode
 from proxy_addons.endpoints import EndpointClass
 from proxy_addons.flowinfo import FlowState, flow_state, json_response, request_body
 from proxy_addons.recording import record_findings
@@ -46,6 +47,19 @@ logger = logging.getLogger(__name__)
 
 def _forbidden(flow: http.HTTPFlow, message: str) -> None:
     json_response(flow, 403, {"errcode": "M_FORBIDDEN", "error": message})
+
+
+def _answer_as_sink(flow: http.HTTPFlow, state: FlowState) -> None:
+    """Mirror sink: nothing is ever forwarded. /send gets Synapse's answer shape (every
+    PDU accepted: a mirror's answers are thrown away, and refusing would say nothing);
+    other federation requests an empty JSON object."""
+    if state.endpoint.cls is EndpointClass.SEND:
+        json_response(flow, 200, {"pdus": {}})
+    elif state.endpoint.cls is EndpointClass.NOT_FEDERATION:
+        json_response(flow, 404, {"errcode": "M_UNRECOGNIZED", "error": "modgud sink"})
+    else:
+        json_response(flow, 200, {})
+    state.answered_locally = True
 
 
 def _retry_later(flow: http.HTTPFlow, what: str) -> None:
@@ -82,6 +96,9 @@ class Enforcer:
         except Exception:
             outcome = self._internal_error(runtime, flow, "edge")
         finally:
+            if runtime.config.mode is Mode.SINK and flow.response is None:
+                _answer_as_sink(flow, state)
+                outcome = "sink"
             runtime.metrics.requests.labels("inbound", endpoint.cls.value, outcome).inc()
             runtime.metrics.transaction_seconds.observe(time.perf_counter() - started)
 

@@ -60,7 +60,7 @@ def test_full_config_reads_tokens_from_files(tmp_path):
             1,
             "not a valid server name",
         ),
-        (MINIMAL + "mode: sink-ish\n", "mode", 3, "expected enforce or audit"),
+        (MINIMAL + "mode: sink-ish\n", "mode", 3, "expected enforce, audit or sink"),
         (MINIMAL + "on_error: maybe\n", "on_error", 3, "expected open or closed"),
         (MINIMAL + "listen:\n  inbound: 8448\n", "listen.inbound", 4, "expected str"),
         (MINIMAL + "listen:\n  metrics: 'localhost:0'\n", "listen.metrics", 4, "host:port"),

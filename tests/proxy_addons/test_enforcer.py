@@ -257,3 +257,23 @@ async def test_oversized_body_refused_before_any_parsing(make_runtime, monkeypat
         "good.test",
         None,
     )
+
+
+async def test_sink_mode_answers_everything_locally_and_flags(make_runtime):
+    """mode: sink (a mirror's copy): nothing is forwarded, /send gets Synapse's shape,
+    other requests an empty object; findings are flagged as in audit."""
+    holder = make_runtime(mode="sink")
+    for flow in (
+        send_flow("denied.test", [pdu("@a:denied.test")]),
+        send_flow("good.test", [pdu("@a:good.test")], txn_id="t2"),
+    ):
+        await run(holder, flow)
+        assert flow.response.status_code == 200
+        assert json.loads(flow.response.content) == {"pdus": {}}
+    path = "/_matrix/federation/v1/make_join/%21room%3Ahs.test/%40a%3Adenied.test"
+    join = await run(holder, get_flow("denied.test", path))
+    assert (join.response.status_code, json.loads(join.response.content)) == (200, {})
+    assert [(r["rule"], r["action"]) for r in findings(holder)] == [
+        ("acl.origin", "flagged"),
+        ("acl.origin", "flagged"),
+    ]
