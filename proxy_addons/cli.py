@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from proxy_addons.config import Config, ConfigError, load_config
 from proxy_addons.leaks import query_leaks
 from proxy_addons.participation import ParticipationError, write_participation
+from proxy_addons.replay import ReplayError, replay_capture
 from proxy_addons.spaces import run_plan, write_plan
 from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
 from rules.policy import CHECKS
@@ -352,6 +354,42 @@ def cmd_leaks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    database = args.db or f"{args.capture}.modgud.db"
+    if Path(database).resolve() == Path(config.database).resolve():
+        print(
+            f"modgud audit: {database} is the live findings database; give the replay its own",
+            file=sys.stderr,
+        )
+        return 2
+    for suffix in ("", "-wal", "-shm"):
+        Path(database + suffix).unlink(missing_ok=True)  # a replay starts from nothing
+    try:
+        count = asyncio.run(replay_capture(config, args.capture, database, args.since))
+    except ReplayError as e:
+        print(f"modgud audit: {e}", file=sys.stderr)
+        return 2
+    rows = list(query_findings([database]))
+    leaks = query_leaks([database])
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        by_rule: dict[str, int] = {}
+        for row in rows:
+            by_rule[row["rule"]] = by_rule.get(row["rule"], 0) + 1
+        print(f"replayed {count} flows from {args.capture}; findings in {database}")
+        for rule, n in sorted(by_rule.items()):
+            print(f"  {rule:<24} {n}")
+        for g in leaks:
+            print(
+                f"  leak in {g['room_id']}: blamed {g['blamed']}, {len(g['events'])} event(s),"
+                f" confidence {g['confidence']}"
+            )
+    return 1 if leaks else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modgud", description="Federation firewall and leak detector for Matrix homeservers."
@@ -386,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     leaks.add_argument("--since", type=parse_since, help="30m, 2h, 7d, Unix or ISO time")
     leaks.add_argument("--json", action="store_true", help="JSON lines, one per room and server")
     leaks.set_defaults(func=cmd_leaks)
+
+    audit = sub.add_parser("audit", help="replay a capture (mitmdump -w) through the checks")
+    audit.add_argument("capture", help="mitmproxy flow file")
+    audit.add_argument("--config", "-c", required=True, help="modgud.yaml (state source, keys)")
+    audit.add_argument(
+        "--db", help="findings database for the replay, replaced (default CAPTURE.modgud.db)"
+    )
+    audit.add_argument("--since", type=parse_since, help="only flows from this time")
+    audit.add_argument("--json", action="store_true", help="the findings as JSON lines")
+    audit.set_defaults(func=cmd_audit)
 
     knocks = sub.add_parser("knocks", help="servers waiting for approval (m.server.knock)")
     knocks.add_argument("--db", help="findings database")

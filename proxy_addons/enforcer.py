@@ -18,7 +18,13 @@ from mitmproxy import http
 
 from proxy_addons.config import Mode
 from proxy_addons.endpoints import EndpointClass
-from proxy_addons.flowinfo import FlowState, flow_state, json_response, request_body
+from proxy_addons.flowinfo import (
+    FlowState,
+    flow_state,
+    json_response,
+    known_flow_state,
+    request_body,
+)
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from proxy_addons.store import KnockRecord
@@ -76,6 +82,10 @@ class Enforcer:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        await self.inspect_request(flow)
+
+    async def inspect_request(self, flow: http.HTTPFlow) -> None:
+        """Check one inbound request, enforce or record; also used to replay captures."""
         runtime = self.holder.runtime
         if runtime is None:
             return
@@ -104,8 +114,8 @@ class Enforcer:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         runtime = self.holder.runtime
-        state = flow.metadata.get("modgud")
-        if runtime is None or not isinstance(state, FlowState) or state.answered_locally:
+        state = known_flow_state(flow)
+        if runtime is None or state is None or state.answered_locally:
             return
         if flow.response is None or flow.response.status_code != 200:
             return

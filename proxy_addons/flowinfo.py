@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 
 from mitmproxy import http
@@ -11,14 +12,24 @@ from proxy_addons.endpoints import Endpoint, classify_path
 from rules.checks import TransactionVerdict
 from rules.xmatrix import XMatrixAuth, parse_xmatrix
 
-__all__ = ["FlowState", "flow_state", "json_response", "request_auth", "request_body"]
-
-METADATA_KEY = "modgud"
+__all__ = [
+    "FlowState",
+    "flow_state",
+    "forget_flow_state",
+    "json_response",
+    "known_flow_state",
+    "request_auth",
+    "request_body",
+]
 
 
 @dataclass(slots=True)
 class FlowState:
-    """Per-flow state shared by modgud's addons (one flow.metadata entry)."""
+    """Per-flow state shared by modgud's addons.
+
+    Kept beside the flow, not in `flow.metadata`: mitmproxy writes metadata into saved
+    captures (`-w`, `save_stream_file`) and refuses values it cannot serialise, which
+    would stop the capture of every flow modgud looked at."""
 
     endpoint: Endpoint
     auth: XMatrixAuth | None
@@ -37,12 +48,23 @@ def request_auth(flow: http.HTTPFlow) -> XMatrixAuth | None:
     return None
 
 
+_STATES: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
+
+
 def flow_state(flow: http.HTTPFlow) -> FlowState:
-    state = flow.metadata.get(METADATA_KEY)
-    if not isinstance(state, FlowState):
-        state = FlowState(classify_path(flow.request.path), request_auth(flow))
-        flow.metadata[METADATA_KEY] = state
+    state = _STATES.get(flow)
+    if state is None:
+        state = _STATES[flow] = FlowState(classify_path(flow.request.path), request_auth(flow))
     return state
+
+
+def known_flow_state(flow: http.HTTPFlow) -> FlowState | None:
+    """The flow's state if modgud looked at the flow, else None."""
+    return _STATES.get(flow)
+
+
+def forget_flow_state(flow: http.HTTPFlow) -> None:
+    _STATES.pop(flow, None)
 
 
 def request_body(flow: http.HTTPFlow) -> bytes:

@@ -110,6 +110,7 @@ class Topology:
         self.modgud: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "modgud.yaml"
         self.database = self.workdir / "modgud.db"
+        self.capture = self.workdir / "capture.flows"
         self.alice: ClientApi
         self.bob: ClientApi
         self.carol: ClientApi
@@ -186,7 +187,15 @@ class Topology:
         log = open(self.workdir / "modgud.log", "wb")  # noqa: SIM115 - closed with the process
         modgud = Path(sys.executable).with_name("modgud")
         self.modgud = subprocess.Popen(
-            [str(modgud), "run", "--config", str(self.config_path)],
+            [
+                str(modgud),
+                "run",
+                "--config",
+                str(self.config_path),
+                "--",
+                "--set",
+                f"save_stream_file={self.capture}",  # every flow, for `modgud audit` replays
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

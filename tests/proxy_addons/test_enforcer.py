@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from mitmproxy import http
 from mitmproxy.test import taddons
 
 from proxy_addons.enforcer import Enforcer
@@ -277,3 +278,18 @@ async def test_sink_mode_answers_everything_locally_and_flags(make_runtime):
         ("acl.origin", "flagged"),
         ("acl.origin", "flagged"),
     ]
+
+
+async def test_flows_modgud_looked_at_can_still_be_saved(make_runtime, tmp_path):
+    """mitmproxy's Save addon (-w) refuses flows whose metadata it cannot serialise:
+    modgud keeps its per-flow state beside the flow, so captures keep working."""
+    from mitmproxy.addons.save import Save
+
+    holder = make_runtime()
+    flow = await run(holder, send_flow("good.test", [pdu("@a:good.test")]))
+    flow.response = http.Response.make(200, b"{}")
+    save = Save()
+    with taddons.context(save) as tctx:
+        tctx.configure(save, save_stream_file=str(tmp_path / "capture.flows"))
+        save.response(flow)
+    assert (tmp_path / "capture.flows").stat().st_size > 0
