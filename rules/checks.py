@@ -34,6 +34,7 @@ __all__ = [
     "check_pdu",
     "check_references",
     "event_references",
+    "is_legitimate_relay",
     "check_request_origin",
     "check_transaction",
     "rooms_of_transaction",
@@ -101,6 +102,7 @@ class TransactionVerdict:
 
 
 _ALWAYS = frozenset({"malformed", "error"})
+_LEAKS = frozenset({Rule.LEAK_RELAYED, Rule.LEAK_REFERENCE})
 
 
 def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
@@ -124,7 +126,8 @@ def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
         if setting.severity is not None:
             f = replace(f, severity=Severity(setting.severity))
         kept.append(f)
-        refuse = refuse or (setting.action == "drop" and item.refused)
+        # Leak findings are evidence, not refusals, unless the operator says drop.
+        refuse = refuse or (setting.action == "drop" and (item.refused or f.rule in _LEAKS))
     decision = Decision.REFUSE if refuse else Decision.ALLOW
     return item._replace(decision=decision, findings=tuple(kept))
 
@@ -193,7 +196,6 @@ REFUSING_RULES = frozenset(
         *_SENDER_RULES.values(),
         Rule.POLICY_USER,
         Rule.RESTRICTED_JOIN,
-        Rule.LEAK_REFERENCE,
     }
 )
 
@@ -302,6 +304,20 @@ def check_references(event: Mapping[str, object], refused: Mapping[str, str]) ->
     return f"builds on {first}, written by {author} and refused in the room{more}"
 
 
+_PASSED_ON = frozenset({"join", "leave", "knock"})
+
+
+def is_legitimate_relay(pdu: Pdu) -> bool:
+    """A server pushes (in /send) only events it wrote, with one exception: a resident
+    server passes on the membership event a joining, leaving or knocking server built
+    through it (send_join / send_leave / send_knock). That event is an m.room.member
+    whose state_key is its own sender and whose membership is join, leave or knock."""
+    if pdu.event_type != "m.room.member" or pdu.state_key != pdu.sender:
+        return False
+    content = pdu.event.get("content")
+    return isinstance(content, Mapping) and content.get("membership") in _PASSED_ON
+
+
 def _event_refusals(
     pdu: Pdu, room: RoomPolicy, policy: OperatorPolicy, refused: Mapping[str, str]
 ) -> list[tuple[Rule, Severity, Confidence, str]]:
@@ -346,6 +362,9 @@ def check_pdu(
         # The homeserver does not know the room: no policy to apply, it decides itself.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
     refusals = [] if servers_checked else _servers_refusals(pdu, origin, room, policy)
+    if not refusals and pdu.sender_server != origin and not is_legitimate_relay(pdu):
+        detail = f"event written by {pdu.sender_server} pushed by {origin}, which did not write it"
+        refusals.append((Rule.LEAK_RELAYED, Severity.WARNING, Confidence.MEDIUM, detail))
     refusals += _event_refusals(pdu, room, policy, refused or {})
     if not refusals:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
@@ -487,6 +506,7 @@ def check_transaction(
             and not len(policy.bans)
             and pdu.event_type != "m.room.member"
             and not in_refused_room
+            and pdu.sender_server == origin
         ):
             pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
             continue
@@ -650,7 +670,9 @@ def with_signature_check(
         if pdu.sender_server not in check.verified_servers:
             return item
         findings = tuple(
-            replace(f, confidence=Confidence.HIGH) if f.rule in _SENDER_RULES.values() else f
+            replace(f, confidence=Confidence.HIGH)
+            if f.rule in _SENDER_RULES.values() or f.rule is Rule.LEAK_RELAYED
+            else f
             for f in item.findings
         )
         return item._replace(findings=findings)

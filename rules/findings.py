@@ -42,6 +42,7 @@ class Rule(enum.StrEnum):
     POLICY_SENDER = "policy.sender"  # author's server banned by a policy list
     POLICY_USER = "policy.user"  # author banned by a policy list (m.policy.rule.user)
     RESTRICTED_JOIN = "join.restricted"  # MSC3083 join authorised by someone who cannot
+    LEAK_RELAYED = "leak.relayed"  # another server's event pushed by a server that did not write it
     LEAK_REFERENCE = "leak.reference"  # builds on (prev/auth events) an event of a refused server
     EDU_IMPERSONATION = "edu.impersonation"  # an EDU naming a user of another server
     MALFORMED_REQUEST = "malformed.request"  # body not JSON, wrong shape, over the limits

@@ -367,6 +367,14 @@ class ClientApi:
         )
         return str(self._call("POST", f"/join/{quote(room_id, safe='')}{query}", {})["room_id"])
 
+    def send_event(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        txn = secrets.token_hex(8)
+        path = f"/rooms/{quote(room_id, safe='')}/send/{quote(event_type, safe='')}/{txn}"
+        return str(self._call("PUT", path, content)["event_id"])
+
+    def leave(self, room_id: str) -> None:
+        self._call("POST", f"/rooms/{quote(room_id, safe='')}/leave", {})
+
     def invite(self, room_id: str, user_id: str) -> None:
         self._call("POST", f"/rooms/{quote(room_id, safe='')}/invite", {"user_id": user_id})
 

@@ -265,6 +265,15 @@ def _built_on_leak(stage: Stage) -> None:
     stage.send("leaky", [built])
 
 
+def _relayed_allowed(stage: Stage) -> None:
+    """The leaky server pushes an event written by a server nobody denies: not a refusal,
+    but not how federation works (a server sends the events it wrote)."""
+    stage.open_room()
+    stage.join("leaky", "lee")
+    newbie = stage.join("unknown", "newbie")
+    stage.send("leaky", [stage.message("unknown", newbie, "pushed by someone else")])
+
+
 def _relayed_denied_join(stage: Stage) -> None:
     stage.open_room()
     stage.join("leaky", "lee")
@@ -513,6 +522,13 @@ SCENARIOS: list[Scenario] = [
             reach=("leaked first",),
             findings=(("acl.sender", "leaky"), ("leak.reference", "leaky")),
         ),
+    ),
+    Scenario(
+        "relayed_allowed",
+        "the leaky server pushes an event written by another, allowed server",
+        _relayed_allowed,
+        enforce=Expected(reach=("pushed by someone else",), findings=(("leak.relayed", "leaky"),)),
+        audit=Expected(reach=("pushed by someone else",), findings=(("leak.relayed", "leaky"),)),
     ),
     Scenario(
         "relayed_denied_join",

@@ -138,3 +138,39 @@ def test_audit_mode_passes_everything_and_flags(audit_topology, version):
     assert [(f["rule"], f["action"]) for f in rows if f["event_id"] == event_id] == [
         ("acl.sender", "flagged")
     ]
+
+
+def test_benign_room_hosted_elsewhere_yields_no_leak_finding(enforce_topology):
+    """A room on hs2 that hs1 and hs3 join through hs2: hs2 passes hs3's join and leave on
+    to hs1 (legitimate relays), and messages, reactions, edits, redactions and state
+    changes flow; modgud records nothing for the room."""
+    topo = enforce_topology
+    room_id = topo.bob.create_room(room_version="10")
+    topo.alice.join(room_id, via=[topo.hs2.server_name])
+    topo.carol.join(room_id, via=[topo.hs2.server_name])
+    assert topo.alice.wait_for(lambda: topo.users["carol"] in topo.alice.joined_members(room_id))
+    message = topo.carol.send_message(room_id, "hello from carol")
+    topo.carol.send_event(
+        room_id,
+        "m.reaction",
+        {"m.relates_to": {"rel_type": "m.annotation", "event_id": message, "key": "+1"}},
+    )
+    topo.carol.send_event(
+        room_id,
+        "m.room.message",
+        {
+            "msgtype": "m.text",
+            "body": "* edited",
+            "m.new_content": {"msgtype": "m.text", "body": "edited"},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": message},
+        },
+    )
+    topo.bob.redact(room_id, topo.bob.send_message(room_id, "oops"))
+    topo.bob.send_state(room_id, "m.room.topic", "", {"topic": "benign"})
+    topo.carol.leave(room_id)
+    assert topo.alice.wait_for(
+        lambda: topo.users["carol"] not in topo.alice.joined_members(room_id)
+    )
+    assert topo.alice.wait_for_message(room_id, "hello from carol")
+    time.sleep(2)
+    assert topo.findings(room=room_id) == []

@@ -46,7 +46,8 @@ def make_pdu(sender):
         ("denied.test", "@a:denied.test", {ROOM: POLICY}, True, Decision.REFUSE, [Rule.ACL_ORIGIN]),
         ("good.test", "@a:denied.test", {ROOM: POLICY}, True, Decision.REFUSE, [Rule.ACL_SENDER]),
         ("denied.test", "@a:good.test", {ROOM: POLICY}, True, Decision.REFUSE, [Rule.ACL_ORIGIN]),
-        ("good.test", "@a:other.test", {ROOM: POLICY}, True, Decision.ALLOW, []),
+        # another allowed server's event pushed by a server that did not write it: evidence
+        ("good.test", "@a:other.test", {ROOM: POLICY}, True, Decision.ALLOW, [Rule.LEAK_RELAYED]),
         ("denied.test", "@a:denied.test", {ROOM: None}, True, Decision.ALLOW, []),
         ("denied.test", "@a:denied.test", {}, True, Decision.ALLOW, []),
         (

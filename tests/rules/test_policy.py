@@ -279,6 +279,29 @@ def test_reference_to_a_refused_event_is_a_leak_finding_flagged_by_default():
     item = check_pdu(built, "leaky.test", {ROOM: state()}, fail_open=True, refused=refused)
     (finding,) = item.findings
     assert (finding.rule, finding.attributed_to) == (Rule.LEAK_REFERENCE, "leaky.test")
+    assert item.decision is Decision.ALLOW
     assert apply_actions(item, OperatorPolicy(LOCAL)).decision is Decision.ALLOW
     drop = OperatorPolicy(LOCAL, actions=CheckActions({"leaks": CheckSetting("drop")}))
     assert apply_actions(item, drop).decision is Decision.REFUSE
+
+
+@pytest.mark.parametrize(
+    ("sender", "event_type", "state_key", "membership", "relayed"),
+    [
+        ("@x:other.test", "m.room.message", None, None, True),
+        ("@x:other.test", "m.room.member", "@x:other.test", "join", False),  # after send_join
+        ("@x:other.test", "m.room.member", "@x:other.test", "leave", False),  # send_leave
+        ("@x:other.test", "m.room.member", "@x:other.test", "knock", False),  # send_knock
+        ("@x:other.test", "m.room.member", "@y:other.test", "join", True),  # not its own
+        ("@x:other.test", "m.room.member", "@x:other.test", "ban", True),
+        ("@x:leaky.test", "m.room.message", None, None, False),  # its own event
+    ],
+)
+def test_relayed_detector_and_its_legitimate_relays(
+    sender, event_type, state_key, membership, relayed
+):
+    content = {"membership": membership} if membership else {}
+    event = pdu(sender, event_type, content, state_key=state_key)
+    item = check_pdu(event, "leaky.test", {ROOM: state()}, fail_open=True)
+    assert (Rule.LEAK_RELAYED in [f.rule for f in item.findings]) is relayed
+    assert item.decision is Decision.ALLOW
