@@ -135,8 +135,13 @@ def make_app(holder: RuntimeHolder) -> web.Application:
                 answer = _refuse("modgud: internal error (on_error: closed)")
             return answer
         finally:
+            callback = (
+                "federated_user_may_invite"
+                if request.path.endswith("federated_user_may_invite")
+                else "check_event_for_spam"
+            )
             runtime.metrics.hook_calls.labels(
-                "check_event_for_spam", "refuse" if answer.status == 403 else "allow", decided_by
+                callback, "refuse" if answer.status == 403 else "allow", decided_by
             ).inc()
             runtime.metrics.hook_seconds.observe(time.perf_counter() - started)
 

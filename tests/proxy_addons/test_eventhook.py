@@ -131,3 +131,17 @@ async def test_inviting_a_user_of_a_denied_server_is_refused(make_runtime):
     assert [(r["rule"], r["action"], r["sender"]) for r in rows] == [
         ("acl.sender", "dropped", "@a:hs.test")
     ]
+
+
+async def test_federated_invite_is_judged_as_an_event_and_counted_as_such(make_runtime):
+    """federated_user_may_invite carries the invite event: judged like any event, and
+    counted under its own callback label."""
+    holder = make_runtime()
+    invite = client_event("@evil:denied.test", "$inv", type="m.room.member", state_key="@a:hs.test")
+    status, _ = await post(holder, invite, path="/federated_user_may_invite")
+    assert status == 403
+    sample = holder.runtime.metrics.registry.get_sample_value(
+        "modgud_hook_calls_total",
+        {"callback": "federated_user_may_invite", "answer": "refuse", "decided_by": "hook"},
+    )
+    assert sample == 1
