@@ -372,6 +372,20 @@ class ClientApi:
         path = f"/rooms/{quote(room_id, safe='')}/send/{quote(event_type, safe='')}/{txn}"
         return str(self._call("PUT", path, content)["event_id"])
 
+    def knock(self, room_id: str, via: list[str]) -> None:
+        query = "".join(
+            f"{'&' if i else '?'}server_name={quote(s, safe='')}" for i, s in enumerate(via)
+        )
+        self._call("POST", f"/knock/{quote(room_id, safe='')}{query}", {})
+
+    def upgrade(self, room_id: str, new_version: str) -> str:
+        body = {"new_version": new_version}
+        return str(
+            self._call("POST", f"/rooms/{quote(room_id, safe='')}/upgrade", body)[
+                "replacement_room"
+            ]
+        )
+
     def leave(self, room_id: str) -> None:
         self._call("POST", f"/rooms/{quote(room_id, safe='')}/leave", {})
 

@@ -174,3 +174,40 @@ def test_benign_room_hosted_elsewhere_yields_no_leak_finding(enforce_topology):
     assert topo.alice.wait_for_message(room_id, "hello from carol")
     time.sleep(2)
     assert topo.findings(room=room_id) == []
+
+
+def test_benign_invites_knocks_and_a_room_upgrade_yield_no_finding(enforce_topology):
+    """Between real Synapses, through hs2's room: bob invites alice (an /invite into hs1),
+    carol knocks and bob lets her in, then bob upgrades the room and alice follows; modgud
+    records nothing for either room."""
+    topo = enforce_topology
+    knock_rule = {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
+    room_id = topo.bob.create_room(room_version="10", initial_state=[knock_rule])
+    topo.bob.invite(room_id, topo.users["alice"])
+    assert topo.alice.wait_for(lambda: _invited(topo, room_id), timeout=30)
+    topo.alice.join(room_id, via=[topo.hs2.server_name])
+    topo.carol.knock(room_id, via=[topo.hs2.server_name])
+    assert topo.bob.wait_for(
+        lambda: (
+            (topo.bob.get_state(room_id, "m.room.member", topo.users["carol"]) or {}).get(
+                "membership"
+            )
+            == "knock"
+        )
+    )
+    topo.bob.invite(room_id, topo.users["carol"])
+    topo.carol.join(room_id, via=[topo.hs2.server_name])
+    assert topo.alice.wait_for(lambda: topo.users["carol"] in topo.alice.joined_members(room_id))
+    topo.bob.send_state(room_id, "m.room.join_rules", "", {"join_rule": "public"})
+    new_room = topo.bob.upgrade(room_id, "11")  # keeps the join rule: alice may follow
+    assert topo.alice.wait_for(lambda: topo.alice.get_state(room_id, "m.room.tombstone"))
+    topo.alice.join(new_room, via=[topo.hs2.server_name])
+    topo.bob.send_message(new_room, "upgraded")
+    assert topo.alice.wait_for_message(new_room, "upgraded")
+    time.sleep(2)
+    assert topo.findings(room=room_id) == [] and topo.findings(room=new_room) == []
+
+
+def _invited(topo, room_id):
+    sync = topo.alice._call("GET", "/sync?timeout=0")
+    return room_id in sync.get("rooms", {}).get("invite", {})
