@@ -286,6 +286,9 @@ class Enforcer:
             if runtime.policy.watches(pdu.room_id, pdu.event_type):
                 runtime.policy.mark_stale()
         _queue_knocks(runtime, txn, rooms, verdict)
+        if runtime.index is not None:
+            event_ids = {i.position: i.event_id for i in verdict.pdus if i.event_id}
+            runtime.index.see(txn.pdus, origin, event_ids=event_ids)
         for item in verdict.pdus:
             if item.event_id is None or any(
                 f.rule is Rule.STATE_UNAVAILABLE for f in item.findings

@@ -10,6 +10,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from proxy_addons.config import Config
+from proxy_addons.eventindex import EventIndex
 from proxy_addons.keys import KeyCache
 from proxy_addons.leaks import RefusedEvents
 from proxy_addons.metrics import Metrics
@@ -38,6 +39,7 @@ class Runtime:
     verdicts: VerdictCache
     policy: OperatorPolicySource
     refused: RefusedEvents = field(default_factory=RefusedEvents)
+    index: EventIndex | None = None
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     def session(self) -> aiohttp.ClientSession:
@@ -92,6 +94,7 @@ def build_runtime(
         policy=OperatorPolicySource(config, state_source.fetch_state),
     )
     holder.append(runtime)
+    runtime.index = EventIndex(runtime.store.record)
     runtime.refused.load(config.database)
     metrics.rooms_cached.set_function(lambda: len(runtime.state))
     metrics.verdicts_cached.set_function(lambda: len(runtime.verdicts))

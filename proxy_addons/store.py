@@ -18,6 +18,10 @@ from typing import Any
 
 import sqlite_utils
 
+from proxy_addons.eventindex import SCHEMA as EVENT_SCHEMA
+from proxy_addons.eventindex import UPSERT as EVENT_UPSERT
+from proxy_addons.eventindex import IndexBatch
+
 __all__ = [
     "FINDING_COLUMNS",
     "KNOCK_COLUMNS",
@@ -121,6 +125,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         findings.create_index(["ts"])
         findings.create_index(["rule", "ts"])
         findings.create_index(["room_id", "ts"])
+    for statement in EVENT_SCHEMA:
+        db.execute(statement)
     db.execute(
         "CREATE TABLE IF NOT EXISTS knocks (room_id TEXT NOT NULL, server TEXT NOT NULL, "
         "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
@@ -130,11 +136,11 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
 
 
 class FindingStore:
-    def __init__(self, path: str, *, batch_size: int = 200, flush_interval: float = 0.5) -> None:
+    def __init__(self, path: str, *, batch_size: int = 2000, flush_interval: float = 0.5) -> None:
         self.path = path
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue: queue.Queue[FindingRecord | KnockRecord | None] = queue.Queue()
+        self._queue: queue.Queue[FindingRecord | KnockRecord | IndexBatch | None] = queue.Queue()
         self._flushed = threading.Condition()
         self._pending = 0
         self.write_errors = 0
@@ -144,10 +150,11 @@ class FindingStore:
         self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
         self._thread.start()
 
-    def record(self, records: Iterable[FindingRecord | KnockRecord]) -> None:
+    def record(self, records: Iterable[FindingRecord | KnockRecord | IndexBatch]) -> None:
+        records = list(records)
+        with self._flushed:
+            self._pending += len(records)
         for record in records:
-            with self._flushed:
-                self._pending += 1
             self._queue.put(record)
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -164,7 +171,7 @@ class FindingStore:
         table = db.table("findings")
         stop = False
         while not stop:
-            batch: list[FindingRecord | KnockRecord] = []
+            batch: list[FindingRecord | KnockRecord | IndexBatch] = []
             try:
                 item = self._queue.get(timeout=self.flush_interval)
             except queue.Empty:
@@ -183,15 +190,21 @@ class FindingStore:
         db.conn.close()
 
     def _write(
-        self, db: sqlite_utils.Database, table: Any, batch: list[FindingRecord | KnockRecord]
+        self,
+        db: sqlite_utils.Database,
+        table: Any,
+        batch: list[FindingRecord | KnockRecord | IndexBatch],
     ) -> None:
         findings = [r.as_row() for r in batch if isinstance(r, FindingRecord)]
         knocks = [r for r in batch if isinstance(r, KnockRecord)]
+        index = [row for r in batch if isinstance(r, IndexBatch) for row in r.rows]
         for attempt in range(5):
             try:
                 with db.conn:
                     if findings:
                         table.insert_all(findings)
+                    if index:
+                        db.conn.executemany(EVENT_UPSERT, index)
                     for k in knocks:
                         db.execute(
                             "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "

@@ -51,6 +51,7 @@ class Pdu:
     __slots__ = (
         "_event",
         "_raw",
+        "content_hash",
         "event_type",
         "position",
         "room_id",
@@ -69,8 +70,12 @@ class Pdu:
         event_type: str,
         state_key: str | None,
         raw: bytes | None = None,
+        content_hash: str | None = None,
     ) -> None:
         self.position = position  # where the PDU sits in the transaction
+        # The sender's claimed content hash (hashes.sha256): the event's identity for the
+        # event index, read without computing the event ID.
+        self.content_hash = content_hash
         self._event = event
         self._raw = raw
         self.room_id = room_id
@@ -158,6 +163,7 @@ class _WirePdu(msgspec.Struct, gc=False):
     sender: object = None
     type: object = None
     state_key: object = None
+    hashes: object = None
 
 
 class _WireTransaction(msgspec.Struct, gc=False):
@@ -210,7 +216,7 @@ def parse_pdu(
     if not isinstance(raw, dict):
         return _malformed(Rule.MALFORMED_PDU, f"PDU {position} is not a JSON object", origin)
     fields = (raw.get("room_id"), raw.get("sender"), raw.get("type"), raw.get("state_key"))
-    return _make_pdu(position, fields, raw, None, origin, check_size, servers)
+    return _make_pdu(position, fields, raw, None, origin, check_size, servers, raw.get("hashes"))
 
 
 def _make_pdu(
@@ -221,6 +227,7 @@ def _make_pdu(
     origin: str | None,
     check_size: bool,
     servers: dict[str, bool] | None,
+    hashes: object = None,
 ) -> Pdu | Finding:
     room_id, sender, event_type, state_key = fields
     if event_type == "m.room.create" and room_id is None:
@@ -259,7 +266,18 @@ def _make_pdu(
         return _malformed(
             Rule.MALFORMED_PDU, f"PDU {position} has an invalid sender", origin, room_id=room_id
         )
-    pdu = Pdu(position, event, room_id, sender, sender_server, event_type, state_key, raw)
+    sha256 = hashes.get("sha256") if isinstance(hashes, dict) else None
+    pdu = Pdu(
+        position,
+        event,
+        room_id,
+        sender,
+        sender_server,
+        event_type,
+        state_key,
+        raw,
+        sha256 if isinstance(sha256, str) and len(sha256) < 100 else None,
+    )
     if not check_size:
         return pdu
     try:
@@ -300,7 +318,9 @@ def _parse_fast(body: bytes, txn_id: str, origin: str | None) -> Transaction | N
         raw = bytes(raw_pdu)
         fields_needed = (f.room_id, f.sender, f.type, f.state_key)
         check_size = len(raw) > MAX_PDU_BYTES
-        parsed.append(_make_pdu(position, fields_needed, None, raw, origin, check_size, servers))
+        parsed.append(
+            _make_pdu(position, fields_needed, None, raw, origin, check_size, servers, f.hashes)
+        )
     return _transaction(txn_id, origin, wire.origin, parsed, wire.edus)
 
 

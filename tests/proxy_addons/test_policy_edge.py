@@ -129,3 +129,25 @@ async def test_reference_to_relayed_leak_and_the_leaks_report(make_runtime, caps
     assert "blamed relay.test: 2 event(s)" in report and "leak.reference" in report
     restarted = RefusedEvents()
     assert restarted.load(database) == 1 and restarted.rooms[ROOM] == {leaked_id: "denied.test"}
+
+
+async def test_event_index_records_author_and_every_delivering_server(make_runtime):
+    """Every PDU is indexed by room and content hash: author, first deliverer, all
+    deliverers, and the event ID where the edge computed one."""
+    from proxy_addons.eventindex import lookup_events
+
+    holder = make_runtime()
+    event = pdu("@a:good.test", body="indexed")
+    await run(holder, send_flow("good.test", [event]))
+    await run(holder, send_flow("relay.test", [event], txn_id="t2"))  # the same event, relayed
+    await run(holder, send_flow("relay.test", [event], txn_id="t3"))  # again: no new row work
+    assert holder.runtime.store.flush(5)
+    content_hash = event["hashes"]["sha256"]
+    row = lookup_events(holder.runtime.config.database, ROOM, [content_hash])[content_hash]
+    assert (row["author"], row["first_origin"], row["delivered_by"], row["deliveries"]) == (
+        "good.test",
+        "good.test",
+        "good.test,relay.test",
+        2,
+    )
+    assert row["event_id"] is not None  # the relay made it a leak.relayed finding: ID known

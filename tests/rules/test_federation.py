@@ -183,7 +183,10 @@ def test_sender_server_check_is_per_pdu_despite_the_per_transaction_memo():
 def _summary(txn):
     return (
         txn.error.detail if txn.error else None,
-        [(p.position, p.room_id, p.sender, p.event_type, p.state_key, p.event) for p in txn.pdus],
+        [
+            (p.position, p.room_id, p.sender, p.event_type, p.state_key, p.content_hash, p.event)
+            for p in txn.pdus
+        ],
         [f.detail for f in txn.bad_pdus],
         [(e.position, e.edu_type, e.content) for e in txn.edus],
         [f.detail for f in txn.bad_edus],
