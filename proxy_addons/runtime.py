@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # Delays after which a room is marked stale again once a relevant state event went by:
 # the hook sees a local event before the homeserver persists it, so one refetch right
 # away could still read the old state.
-RESTALE_DELAYS = (1.0, 5.0)
+RESTALE_DELAYS = (0.3, 1.0, 5.0)
 
 
 @dataclass

@@ -117,7 +117,9 @@ class Stage:
         hosts = [self.server_name(r).rsplit(":", 1)[0] for r in roles]
         acl = {"allow": ["*"], "deny": hosts}
         self.topo.alice.send_state(self.room_id, "m.room.server_acl", "", acl)
-        time.sleep(0.5)  # modgud refetches the room's state after hs1 accepted the ACL
+        # The hook hears of alice's ACL before Synapse stores it; modgud refetches the
+        # room's state again 1 s later, after which the ACL is certainly in force.
+        time.sleep(1.5)
 
     def join(self, role: str, localpart: str, membership: str = "join") -> str:
         """A peer user joins (knocks, leaves) through modgud by make_/send_ membership."""

@@ -30,6 +30,13 @@ def shared_room(topo, version, *, with_carol=False):
     return room_id
 
 
+def deny_hs2(topo, room_id):
+    """Set the ACL, then give modgud time to see it: the hook hears of a local state event
+    before Synapse stores it, and modgud refetches the room 1 s later to be sure."""
+    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    time.sleep(1.5)
+
+
 def bodies(api, room_id):
     return [
         e["content"].get("body") for e in api.messages(room_id) if e["type"] == "m.room.message"
@@ -60,7 +67,7 @@ def test_acl_denied_server_is_refused_and_recorded(enforce_topology, version):
     or by the hook) with a finding naming hs2, and hs1's users never see it."""
     topo = enforce_topology
     room_id = shared_room(topo, version)
-    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    deny_hs2(topo, room_id)
     assert topo.bob.wait_for(lambda: topo.bob.get_state(room_id, "m.room.server_acl"))
     topo.bob.send_message(room_id, "after the ACL")
     rows = topo.wait_for_findings(lambda r: any(f["rule"] == "acl.origin" for f in r), room=room_id)
@@ -79,7 +86,7 @@ def test_relayed_event_of_denied_server_is_hidden_by_the_hook(enforce_topology, 
     transaction is forwarded untouched, and the event hook makes Synapse drop the event."""
     topo = enforce_topology
     room_id = shared_room(topo, version, with_carol=True)
-    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    deny_hs2(topo, room_id)
     body = f"leak v{version}"
     event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], body)
     typing = {
@@ -109,7 +116,7 @@ def test_relayed_event_alone_is_answered_at_the_edge(enforce_topology, version):
     with that event ID's error in Synapse's /send response shape."""
     topo = enforce_topology
     room_id = shared_room(topo, version, with_carol=True)
-    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    deny_hs2(topo, room_id)
     event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], "edge leak")
     status, answer = topo.send_transaction(topo.hs3, [pdu])
     assert status == 200
@@ -125,7 +132,7 @@ def test_audit_mode_passes_everything_and_flags(audit_topology, version):
     finding is `flagged`; nothing is refused by modgud."""
     topo = audit_topology
     room_id = shared_room(topo, version, with_carol=True)
-    topo.alice.send_state(room_id, "m.room.server_acl", "", DENY_HS2)
+    deny_hs2(topo, room_id)
     body = f"audited leak v{version}"
     event_id, pdu = topo.craft_message(room_id, version, topo.hs2, topo.users["bob"], body)
     status, answer = topo.send_transaction(topo.hs3, [pdu])
