@@ -103,10 +103,8 @@ def cmd_findings(args: argparse.Namespace) -> int:
             paths = [load_config(args.config).database]
         else:
             paths = ["modgud.db"]
-    for path in paths:
-        if not Path(path).is_file():
-            print(f"modgud findings: no database at {path}", file=sys.stderr)
-            return 2
+    if _missing("findings", paths):
+        return 2
     try:
         rows = list(
             query_findings(
@@ -190,10 +188,18 @@ def _database(args: argparse.Namespace) -> str:
     return "modgud.db"
 
 
+def _missing(command: str, paths: Sequence[str]) -> bool:
+    """Say so when a database is missing (a typo must not read as "nothing found")."""
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"modgud {command}: no database at {path}", file=sys.stderr)
+            return True
+    return False
+
+
 def cmd_knocks(args: argparse.Namespace) -> int:
     path = _database(args)
-    if not Path(path).is_file():
-        print(f"modgud knocks: no database at {path}", file=sys.stderr)
+    if _missing("knocks", [path]):
         return 2
     try:
         rows = query_knocks(path, room=args.room, status=args.status)
@@ -321,10 +327,8 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 def cmd_leaks(args: argparse.Namespace) -> int:
     paths = args.db or [_database(args)]
-    for path in paths:
-        if not Path(path).is_file():
-            print(f"modgud leaks: no database at {path}", file=sys.stderr)
-            return 2
+    if _missing("leaks", paths):
+        return 2
     try:
         groups = query_leaks(paths, room=args.room, since=args.since)
     except ValueError as e:

@@ -25,12 +25,9 @@ blame nobody (a forged request, an event pulled by the homeserver itself).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from signedjson.key import generate_signing_key
@@ -213,16 +210,7 @@ def _knock_approved(stage: Stage) -> None:
     deadline = time.monotonic() + 15
     while not query_knocks(database, room=stage.room_id) and time.monotonic() < deadline:
         time.sleep(0.25)
-    modgud = Path(sys.executable).with_name("modgud")
-    approve = [
-        str(modgud),
-        "approve",
-        stage.room_id,
-        unknown.name,
-        "--config",
-        str(stage.topo.config_path),
-    ]
-    subprocess.run(approve, check=True, capture_output=True, timeout=60)
+    stage.topo.cli("approve", stage.room_id, unknown.name).check_returncode()
     deadline = time.monotonic() + 20
     while True:
         try:

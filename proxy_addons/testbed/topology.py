@@ -204,6 +204,16 @@ class Topology:
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run `modgud ARGS --config <this topology's config>`, as an operator would."""
+        modgud = Path(sys.executable).with_name("modgud")
+        return subprocess.run(
+            [str(modgud), *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def modgud_log(self) -> str:
         path = self.workdir / "modgud.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""

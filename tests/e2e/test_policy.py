@@ -5,10 +5,7 @@ every room, to origin and author, without a restart."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,16 +13,6 @@ from proxy_addons.testbed.homeserver import ClientApi, ClientError
 from proxy_addons.testbed.peer import PeerError
 
 pytestmark = pytest.mark.e2e
-
-
-def modgud(topo, *args):
-    exe = Path(sys.executable).with_name("modgud")
-    return subprocess.run(
-        [str(exe), *args, "--config", str(topo.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_knock_queue_approve_then_join_and_post(enforce_topology):
@@ -46,17 +33,17 @@ def test_knock_queue_approve_then_join_and_post(enforce_topology):
     listed = topo.alice.wait_for(
         lambda: [
             json.loads(line)
-            for line in modgud(topo, "knocks", "--room", room_id, "--json").stdout.splitlines()
+            for line in topo.cli("knocks", "--room", room_id, "--json").stdout.splitlines()
         ],
         timeout=15,
     )
     assert [(k["server"], k["status"], k["count"]) for k in listed] == [
         (topo.unknown.name, "pending", 1)
     ]
-    table = modgud(topo, "knocks", "--room", room_id).stdout
+    table = topo.cli("knocks", "--room", room_id).stdout
     assert topo.unknown.name in table and "pending" in table
 
-    approved = modgud(topo, "approve", room_id, topo.unknown.name, "--reason", "welcome")
+    approved = topo.cli("approve", room_id, topo.unknown.name, "--reason", "welcome")
     assert approved.returncode == 0, approved.stderr
     state = topo.alice.get_state(room_id, "m.server.participation", topo.unknown.name)
     assert state == {"participation": "permitted", "reason": "welcome"}
@@ -95,7 +82,7 @@ def test_knock_queue_approve_then_join_and_post(enforce_topology):
         k["status"]
         for k in json.loads(
             "["
-            + ",".join(modgud(topo, "knocks", "--room", room_id, "--json").stdout.splitlines())
+            + ",".join(topo.cli("knocks", "--room", room_id, "--json").stdout.splitlines())
             + "]"
         )
     ] == ["approved"]
@@ -103,11 +90,11 @@ def test_knock_queue_approve_then_join_and_post(enforce_topology):
 
 def test_deny_without_power_or_room_is_a_clear_error(enforce_topology):
     topo = enforce_topology
-    unknown_room = modgud(topo, "deny", "!nope:" + topo.hs1.server_name, "x.test")
+    unknown_room = topo.cli("deny", "!nope:" + topo.hs1.server_name, "x.test")
     assert unknown_room.returncode == 1
     assert "unknown room" in unknown_room.stderr
     room_id = topo.bob.create_room()  # a room on hs2: hs1's admin is not in it
-    outsider = modgud(topo, "deny", room_id, "x.test")
+    outsider = topo.cli("deny", room_id, "x.test")
     assert outsider.returncode == 1 and "unknown room" in outsider.stderr
 
 

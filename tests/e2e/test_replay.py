@@ -4,10 +4,7 @@ finds what the live edge found, for the flows after the room's last state change
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -42,25 +39,8 @@ def test_replaying_a_live_capture_finds_the_same(enforce_topology, tmp_path):
 
     assert topo.alice.wait_for(lambda: len(live()) >= 3, timeout=20)
     time.sleep(1)
-    exe = Path(sys.executable).with_name("modgud")
     out = tmp_path / "replay.db"
-    audit = subprocess.run(
-        [
-            str(exe),
-            "audit",
-            str(topo.capture),
-            "--config",
-            str(topo.config_path),
-            "--db",
-            str(out),
-            "--since",
-            str(since),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    audit = topo.cli("audit", str(topo.capture), "--db", str(out), "--since", str(since), "--json")
     assert audit.returncode == 1, audit.stderr  # leaks found
     replayed = {
         (f["rule"], f["event_id"], f["attributed_to"])

@@ -5,25 +5,11 @@ allowed to fail brings every other room in line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from proxy_addons.testbed.peer import PeerError
 
 pytestmark = pytest.mark.e2e
-
-
-def modgud(topo, *args):
-    exe = Path(sys.executable).with_name("modgud")
-    return subprocess.run(
-        [str(exe), *args, "--config", str(topo.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_space_policy_reaches_nested_rooms_and_sync_is_atomic(enforce_topology):
@@ -47,7 +33,7 @@ def test_space_policy_reaches_nested_rooms_and_sync_is_atomic(enforce_topology):
     topo.peer_join(topo.denied, "dee", alice.create_room())  # outside the space: no ACL
 
     alice.send_state(a, "m.room.server_acl", "", acl)  # a already follows the space
-    drift = modgud(topo, "spaces", "drift", space)
+    drift = topo.cli("spaces", "drift", space)
     assert drift.returncode == 1, drift.stderr
     assert "4 rooms" in drift.stdout and "3 differ" in drift.stdout
     assert (
@@ -61,7 +47,7 @@ def test_space_policy_reaches_nested_rooms_and_sync_is_atomic(enforce_topology):
     levels.update(users={topo.users["alice"]: 50}, state_default=100, events={})
     alice.send_state(locked, "m.room.power_levels", "", levels)  # alice demotes herself
     alice.send_state(space, "m.space.child", locked, via)
-    refused = modgud(topo, "spaces", "sync", space)
+    refused = topo.cli("spaces", "sync", space)
     assert refused.returncode == 1
     assert (
         "nothing changed" in refused.stderr
@@ -70,9 +56,9 @@ def test_space_policy_reaches_nested_rooms_and_sync_is_atomic(enforce_topology):
     )
     assert alice.get_state(b, "m.room.server_acl") is None
 
-    synced = modgud(topo, "spaces", "sync", space, "--allow-fail", locked)
+    synced = topo.cli("spaces", "sync", space, "--allow-fail", locked)
     assert synced.returncode == 0, synced.stderr
     assert f"skipped {locked}" in synced.stdout
     assert alice.get_state(b, "m.room.server_acl") == acl
-    after = modgud(topo, "spaces", "drift", space)
+    after = topo.cli("spaces", "drift", space)
     assert "1 differ" in after.stdout and locked in after.stdout
