@@ -41,12 +41,13 @@ SPACE_TYPES = (
 FetchState = Callable[[str], Awaitable[list[object] | None]]
 
 
-async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy | None, list[str]]:
+async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy, list[str]] | None:
     """The space's own state and every room reachable from it through m.space.child
-    events with a `via` (nested; each room once, so cycles end; bounded)."""
+    events with a `via` (nested; each room once, so cycles end; bounded); None when the
+    homeserver is not in the space."""
     state = await fetch_state(space_id)
     if state is None:
-        return None, []
+        return None
     space = room_policy_from_state(space_id, state)
     seen = {space_id}
     rooms: list[str] = []
@@ -69,6 +70,19 @@ async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy
     return space, rooms
 
 
+async def _read[T](what: str, room_id: str, read: Awaitable[T | None]) -> T | None:
+    """A policy room's or space's state; None (logged) when it cannot be had, so the
+    caller keeps what it last knew of that room."""
+    try:
+        value = await read
+    except StateError as e:
+        logger.warning("%s %s unreadable, keeping what was known of it: %s", what, room_id, e)
+        return None
+    if value is None:
+        logger.warning("%s %s: the homeserver is not in this room", what, room_id)
+    return value
+
+
 class OperatorPolicySource:
     def __init__(
         self, config: Config, fetch_state: Callable[[str], Awaitable[list[object] | None]]
@@ -86,8 +100,6 @@ class OperatorPolicySource:
         self.current = self._base
         self._events: dict[str, list[object]] = {}
         self._wake: asyncio.Event | None = None
-        self.refreshes = 0
-        self.errors = 0
 
     def watches(self, room_id: str, event_type: object) -> bool:
         if room_id in self.rooms and event_type in RULE_TYPES:
@@ -107,30 +119,14 @@ class OperatorPolicySource:
 
     async def refresh(self) -> OperatorPolicy:
         for room_id in self.rooms:
-            try:
-                state = await self._fetch_state(room_id)
-            except StateError as e:
-                self.errors += 1
-                logger.warning("policy list %s unreadable, keeping its last rules: %s", room_id, e)
-                continue
-            if state is None:
-                self.errors += 1
-                logger.warning("policy list %s: the homeserver is not in this room", room_id)
-                continue
-            self._events[room_id] = state
+            state = await _read("policy list", room_id, self._fetch_state(room_id))
+            if state is not None:
+                self._events[room_id] = state
         bans = BanList.from_state(e for events in self._events.values() for e in events)
         for space_id in self.space_ids:
-            try:
-                space, rooms = await walk_space(space_id, self._fetch_state)
-            except StateError as e:
-                self.errors += 1
-                logger.warning("space %s unreadable, keeping its last rooms: %s", space_id, e)
-                continue
-            if space is None:
-                self.errors += 1
-                logger.warning("space %s: the homeserver is not in this room", space_id)
-                continue
-            self._space_rooms[space_id] = (space, rooms)
+            walked = await _read("space", space_id, walk_space(space_id, self._fetch_state))
+            if walked is not None:
+                self._space_rooms[space_id] = walked
         spaces: dict[str, tuple[RoomPolicy, ...]] = {}
         for space, rooms in self._space_rooms.values():
             for room_id in rooms:
@@ -142,7 +138,6 @@ class OperatorPolicySource:
             spaces,
             self._base.actions,
         )
-        self.refreshes += 1
         return self.current
 
     async def run(self) -> None:
@@ -154,7 +149,6 @@ class OperatorPolicySource:
             try:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the refresher must never die
-                self.errors += 1
                 logger.exception("refreshing policy lists failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.refresh_seconds)

@@ -108,12 +108,13 @@ async def plan_space(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         source = SynapseAdminStateSource(config.admin_api, config.admin_token, lambda: session)
         try:
-            space, rooms = await walk_space(space_id, source.fetch_state)
+            walked = await walk_space(space_id, source.fetch_state)
             space_state = await source.fetch_state(space_id)
         except StateError as e:
             return [], f"cannot read the space: {e}"
-        if space is None or space_state is None:
+        if walked is None or space_state is None:
             return [], f"unknown space {space_id}: the homeserver is not in it"
+        rooms = walked[1]
         wanted = _state_map(space_state)
         plans = []
         for room_id in rooms:

@@ -41,6 +41,7 @@ async def fetch(room_id):
 async def test_walk_is_nested_cycle_safe_and_needs_via():
     space, rooms = await walk_space("!space", fetch)
     assert rooms == ["!a", "!sub", "!b", "!c"]
+    assert await walk_space("!unknown", fetch) is None
     assert space is not None and space.acl is not None
 
 
