@@ -279,7 +279,6 @@ class Enforcer:
         for item in verdict.pdus:
             if item.findings:
                 runtime.refused.add_findings(item.findings)
-        state.verdict = verdict
         for pdu in txn.pdus:
             if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
                 state.stale_rooms.add(pdu.room_id)

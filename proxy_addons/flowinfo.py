@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 
 from proxy_addons.endpoints import Endpoint, classify_path
-from rules.checks import TransactionVerdict
 from rules.xmatrix import XMatrixAuth, parse_xmatrix
 
 __all__ = [
@@ -34,7 +33,6 @@ class FlowState:
     endpoint: Endpoint
     auth: XMatrixAuth | None
     origin_verified: bool = False
-    verdict: TransactionVerdict | None = None
     stale_rooms: set[str] = field(default_factory=set)
     answered_locally: bool = False
 

@@ -135,7 +135,7 @@ def apply_actions(item: ItemVerdict, policy: OperatorPolicy) -> ItemVerdict:
 def apply_actions_to_transaction(
     verdict: TransactionVerdict, policy: OperatorPolicy
 ) -> TransactionVerdict:
-    if not any(i.findings for i in verdict.items):
+    if not any(i.findings for i in verdict.pdus) and not any(i.findings for i in verdict.edus):
         return verdict
     return TransactionVerdict(
         tuple(apply_actions(i, policy) for i in verdict.pdus),
@@ -495,6 +495,9 @@ def check_transaction(
     origin = txn.origin or ""
     # A transaction's PDUs mostly share a room and an author: whether both servers may
     # take part is decided once per (room, author server) and transaction.
+    # Only a PDU with nothing left to check per event takes the shortcut: no user bans to
+    # match, no membership (restricted joins), not relayed, no refused events around.
+    per_event_checks = bool(len(policy.bans))
     servers_ok: set[tuple[str, str]] = set()
     pdus: list[ItemVerdict] = []
     for pdu in txn.pdus:
@@ -503,10 +506,10 @@ def check_transaction(
         in_refused_room = pdu.room_id in refused
         if (
             checked
-            and not len(policy.bans)
+            and not per_event_checks
+            and pdu.sender_server == origin
             and pdu.event_type != "m.room.member"
             and not in_refused_room
-            and pdu.sender_server == origin
         ):
             pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
             continue
