@@ -11,8 +11,9 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from proxy_addons.config import Config, ConfigError, load_config
 from proxy_addons.leaks import query_leaks
@@ -97,29 +98,18 @@ def _format_ts(ts: float) -> str:
 
 
 def cmd_findings(args: argparse.Namespace) -> int:
-    paths = args.db or []
-    if not paths:
-        if args.config:
-            paths = [load_config(args.config).database]
-        else:
-            paths = ["modgud.db"]
-    if _missing("findings", paths):
-        return 2
-    try:
-        rows = list(
+    rows = _query(
+        "findings",
+        args,
+        lambda paths: list(
             query_findings(
                 paths, room=args.room, rule=args.rule, since=args.since, limit=args.limit
             )
-        )
-    except ValueError as e:
-        print(f"modgud findings: {e}", file=sys.stderr)
+        ),
+    )
+    if rows is None:
         return 2
-    if args.json:
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no findings")
+    if args.json or not rows:
         return 0
     header = ("time (UTC)", "action", "rule", "blamed", "room", "event", "detail")
     table = [header] + [
@@ -180,38 +170,52 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _database(args: argparse.Namespace) -> str:
-    if getattr(args, "db", None):
-        return str(args.db)
+def _paths(args: argparse.Namespace) -> list[str]:
+    """The databases to read: --db (repeatable), else the config's, else ./modgud.db."""
+    if args.db:
+        return list(args.db)
     if getattr(args, "config", None):
-        return load_config(args.config).database
-    return "modgud.db"
+        return [load_config(args.config).database]
+    return ["modgud.db"]
 
 
-def _missing(command: str, paths: Sequence[str]) -> bool:
-    """Say so when a database is missing (a typo must not read as "nothing found")."""
+def _query(
+    command: str,
+    args: argparse.Namespace,
+    query: Callable[[list[str]], list[dict[str, Any]]],
+) -> list[dict[str, Any]] | None:
+    """Run a read command's query; print JSON lines with --json, or say there is nothing.
+    None (after saying why) when a database is missing or unreadable: a typo must not
+    read as "nothing found"."""
+    paths = _paths(args)
     for path in paths:
         if not Path(path).is_file():
             print(f"modgud {command}: no database at {path}", file=sys.stderr)
-            return True
-    return False
-
-
-def cmd_knocks(args: argparse.Namespace) -> int:
-    path = _database(args)
-    if _missing("knocks", [path]):
-        return 2
+            return None
     try:
-        rows = query_knocks(path, room=args.room, status=args.status)
+        rows = query(paths)
     except ValueError as e:
-        print(f"modgud knocks: {e}", file=sys.stderr)
-        return 2
+        print(f"modgud {command}: {e}", file=sys.stderr)
+        return None
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no knocks")
+    elif not rows:
+        print(f"no {command}")
+    return rows
+
+
+def cmd_knocks(args: argparse.Namespace) -> int:
+    rows = _query(
+        "knocks",
+        args,
+        lambda paths: [
+            r for p in paths for r in query_knocks(p, room=args.room, status=args.status)
+        ],
+    )
+    if rows is None:
+        return 2
+    if args.json or not rows:
         return 0
     header = ("room", "server", "status", "count", "first seen", "last seen", "modgud knows")
     table: list[Sequence[object]] = [header]
@@ -326,20 +330,12 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def cmd_leaks(args: argparse.Namespace) -> int:
-    paths = args.db or [_database(args)]
-    if _missing("leaks", paths):
+    groups = _query(
+        "leaks", args, lambda paths: query_leaks(paths, room=args.room, since=args.since)
+    )
+    if groups is None:
         return 2
-    try:
-        groups = query_leaks(paths, room=args.room, since=args.since)
-    except ValueError as e:
-        print(f"modgud leaks: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        for g in groups:
-            print(json.dumps(g, ensure_ascii=False))
-        return 0
-    if not groups:
-        print("no leaks")
+    if args.json or not groups:
         return 0
     room = None
     for g in groups:
@@ -440,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=cmd_audit)
 
     knocks = sub.add_parser("knocks", help="servers waiting for approval (m.server.knock)")
-    knocks.add_argument("--db", help="findings database")
+    knocks.add_argument("--db", action="append", help="findings database (repeat per replica)")
     knocks.add_argument("--config", "-c", help="take the database path from this config")
     knocks.add_argument("--room", help="only this room ID")
     knocks.add_argument("--status", choices=["pending", "approved", "denied"])
