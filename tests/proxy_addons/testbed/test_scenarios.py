@@ -18,7 +18,10 @@ def test_benign_scenarios_pin_zero_findings():
     benign = [s for s in SCENARIOS if not s.hostile]
     assert benign
     for scenario in benign:
-        assert scenario.enforce.findings == () and scenario.audit.findings == ()
+        assert (
+            scenario.expected("enforce").findings == ()
+            and scenario.expected("audit").findings == ()
+        )
 
 
 def test_every_misbehaviour_is_played():
