@@ -120,3 +120,23 @@ def get_flow(origin, path, key=None):
     auth = sign_request("GET", path, origin, LOCAL, None, key or KEYS[origin])
     request = http.Request.make("GET", f"http://{LOCAL}{path}", b"", {"Authorization": auth})
     return tflow.tflow(req=request)
+
+
+async def run_edge(holder, flow):
+    """The Enforcer's request hook on one flow, as mitmproxy would call it."""
+    from mitmproxy.test import taddons
+
+    from proxy_addons.enforcer import Enforcer
+
+    enforcer = Enforcer(holder)
+    with taddons.context(enforcer):
+        await enforcer.request(flow)
+    return flow
+
+
+def recorded_findings(holder):
+    """Everything the runtime recorded so far, once the writer has committed it."""
+    from proxy_addons.store import query_findings
+
+    assert holder.runtime.store.flush(5)
+    return list(query_findings([holder.runtime.config.database]))

@@ -9,7 +9,6 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from proxy_addons.enforcer import Enforcer
-from proxy_addons.store import query_findings
 from rules.findings import Decision
 from tests.proxy_addons.conftest import (
     KEYS,
@@ -19,21 +18,13 @@ from tests.proxy_addons.conftest import (
     get_flow,
     pdu,
     policy,
+    recorded_findings,
+    run_edge,
     send_flow,
 )
 
-
-async def run(holder, flow):
-    enforcer = Enforcer(holder)
-    with taddons.context(enforcer):
-        await enforcer.request(flow)
-    return flow
-
-
-def findings(holder):
-    runtime = holder.runtime
-    assert runtime.store.flush(5)
-    return list(query_findings([runtime.config.database]))
+run = run_edge
+findings = recorded_findings
 
 
 async def test_allowed_transaction_is_forwarded_untouched(make_runtime):

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 
-from mitmproxy.test import taddons
-
-from proxy_addons.enforcer import Enforcer
-from proxy_addons.store import query_findings, query_knocks
+from proxy_addons.store import query_knocks
 from rules.roomstate import room_policy_from_state
-from tests.proxy_addons.conftest import ROOM, StaticStateSource, get_flow, pdu, send_flow
+from tests.proxy_addons.conftest import (
+    ROOM,
+    StaticStateSource,
+    get_flow,
+    pdu,
+    recorded_findings,
+    run_edge,
+    send_flow,
+)
 
 ACTIVE_ROOM = "!active:hs.test"
 BANS = "!bans:hs.test"
@@ -37,16 +42,8 @@ def active_room(*permitted):
     return room_policy_from_state(ACTIVE_ROOM, events)
 
 
-async def run(holder, flow):
-    enforcer = Enforcer(holder)
-    with taddons.context(enforcer):
-        await enforcer.request(flow)
-    return flow
-
-
-def rows(holder):
-    assert holder.runtime.store.flush(5)
-    return list(query_findings([holder.runtime.config.database]))
+run = run_edge
+rows = recorded_findings
 
 
 async def test_not_permitted_server_is_told_to_knock(make_runtime):
