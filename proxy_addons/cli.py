@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy_addons.config import Config, ConfigError, load_config
+from proxy_addons.config import Config, ConfigError, Listen, load_config
 from proxy_addons.leaks import query_leaks
 from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.replay import ReplayError, replay_capture
@@ -44,6 +44,23 @@ def mitmdump_args(config: Config, certs_file: str | None) -> list[str]:
     ]
     if certs_file:
         args += ["--certs", f"*={certs_file}"]
+    if config.outbound is not None:
+        args += _outbound_args(config, config.outbound)
+    return args
+
+
+def _outbound_args(config: Config, listen: Listen) -> list[str]:
+    """The homeserver's https_proxy: it sends CONNECT, then TLS that modgud terminates with
+    a certificate from its own CA (the homeserver trusts it via federation_custom_ca_list).
+    Connections are lazy: a request is seen before any connection to the remote server is
+    opened, so a refused one never reaches it."""
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    args = ["--mode", f"regular@{host}:{listen.port}"]
+    args += ["--set", "connection_strategy=lazy", "--set", f"confdir={config.outbound_ca_dir}"]
+    if not config.outbound_verify_tls:
+        args += ["--set", "ssl_insecure=true"]
+    elif config.outbound_ca_file:
+        args += ["--set", f"ssl_verify_upstream_trusted_ca={config.outbound_ca_file}"]
     return args
 
 
@@ -144,6 +161,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  inbound      {config.inbound} -> {config.upstream}")
     print(f"  event hook   {config.hook or 'off'}")
     print(f"  metrics      {config.metrics or 'off'}")
+    if config.outbound is not None:
+        remote = "not verified" if not config.outbound_verify_tls else "verified"
+        print(
+            f"  outbound     {config.outbound} (https_proxy; CA in {config.outbound_ca_dir};"
+            f" remote certificates {remote};"
+            f" re-signing {'on' if config.outbound_signing_key else 'off'})"
+        )
+    else:
+        print("  outbound     off")
     print(
         f"  state from   {config.admin_api} (admin token {'set' if config.admin_token else 'MISSING'})"
     )
@@ -167,6 +193,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
     if not config.admin_token:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """Create modgud's CA for the outbound listener if need be; print its certificate's
+    path, for the homeserver's federation_custom_ca_list."""
+    config = load_config(args.config)
+    if config.outbound is None:
+        print(f"modgud ca: {config.path}: listen.outbound is not set", file=sys.stderr)
+        return 2
+    from proxy_addons.outbound import ensure_ca
+
+    try:
+        print(ensure_ca(config.outbound_ca_dir))
+    except OSError as e:
+        print(f"modgud ca: {config.outbound_ca_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -396,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the proxy (mitmproxy reverse mode) and the event hook")
+    run = sub.add_parser(
+        "run", help="run the proxy (inbound, outbound if configured) and the event hook"
+    )
     run.add_argument("--config", "-c", required=True, help="modgud.yaml")
     run.add_argument(
         "mitmproxy_args", nargs=argparse.REMAINDER, help="extra mitmdump arguments after --"
@@ -461,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-fail", action="append", metavar="ROOM", help="sync: this room may fail"
     )
     spaces.set_defaults(func=cmd_spaces)
+
+    ca = sub.add_parser(
+        "ca", help="create the outbound listener's CA; print its certificate's path"
+    )
+    ca.add_argument("--config", "-c", required=True, help="modgud.yaml")
+    ca.set_defaults(func=cmd_ca)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config", help="modgud.yaml")

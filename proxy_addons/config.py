@@ -83,6 +83,12 @@ class Config:
     # homeserver: the Client-Server API and a room admin's token, for approve/deny
     client_api: str = ""
     room_admin_token: str | None = field(default=None, repr=False)
+    # outbound: the homeserver's https_proxy (the federation requests it sends itself)
+    outbound: Listen | None = None
+    outbound_ca_dir: str = "ca"  # mitmproxy's confdir: the CA the homeserver must trust
+    outbound_verify_tls: bool = True  # verify remote servers' certificates, as Synapse does
+    outbound_ca_file: str | None = None  # CA bundle for them instead of the system's roots
+    outbound_signing_key: Any = field(default=None, repr=False)  # to strip and re-sign
 
     @property
     def fail_open(self) -> bool:
@@ -226,8 +232,7 @@ def load_config(path: str | Path) -> Config:
     inbound = _parse_listen(listen, "inbound", "0.0.0.0:8448")
     assert inbound is not None
     metrics = _parse_listen(listen, "metrics", "127.0.0.1:9464")
-    if "outbound" in listen.value:
-        raise listen.error("outbound", "the outbound listener is not implemented yet")
+    outbound = _parse_listen(listen, "outbound", None)
     listen.reject_unknown()
 
     tls = top.child("tls")
@@ -286,6 +291,7 @@ def load_config(path: str | Path) -> Config:
     if max_body < 65_536:
         raise top.error("max_body_bytes", "must be at least 65536")
     key_servers = _parse_key_servers(top)
+    outbound_options = _parse_outbound(top, base, database, outbound is not None)
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
     spaces: tuple[str, ...] = ()
@@ -313,6 +319,8 @@ def load_config(path: str | Path) -> Config:
         upstream=upstream,
         inbound=inbound,
         metrics=metrics,
+        outbound=outbound,
+        **outbound_options,
         hook=hook,
         hook_token=hook_token,
         admin_api=admin_api,
@@ -373,6 +381,51 @@ def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:
         node.reject_unknown()
         out.append(KeyServer(server_name, tuple(keys), url, verify_tls))
     return tuple(out)
+
+
+def _parse_outbound(top: _Node, base: Path, database: str, listening: bool) -> dict[str, Any]:
+    """The `outbound:` section: how modgud, as the homeserver's https_proxy, talks TLS to
+    the homeserver (its CA) and to remote servers, and the key to re-sign with."""
+    node = top.child("outbound")
+    # The CA is kept next to the database by default: that directory is modgud's to write.
+    out: dict[str, Any] = {"outbound_ca_dir": str((base / database).parent / "ca")}
+    if node is None:
+        return out
+    if not listening:
+        raise top.error("outbound", "set listen.outbound to run the outbound listener")
+    ca_dir = node.get("ca_dir", str)
+    if ca_dir is not None:
+        out["outbound_ca_dir"] = str(base / ca_dir)
+    out["outbound_verify_tls"] = node.get("verify_tls", bool, True)
+    ca_file = node.get("ca_file", str)
+    if ca_file is not None:
+        if not (base / ca_file).is_file():
+            raise node.error("ca_file", f"no such file: {base / ca_file}")
+        out["outbound_ca_file"] = str(base / ca_file)
+    key_file = node.get("signing_key_file", str)
+    if key_file is not None:
+        out["outbound_signing_key"] = _read_signing_key(node, base / key_file)
+    node.reject_unknown()
+    return out
+
+
+def _read_signing_key(node: _Node, path: Path) -> Any:
+    """The homeserver's signing key, in Synapse's format (`ed25519 a_AbCd <seed>`)."""
+    from signedjson.key import read_signing_keys
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise node.error("signing_key_file", f"cannot read {path}: {e.strerror}") from None
+    try:
+        keys = read_signing_keys(text.splitlines())
+    except Exception as e:  # noqa: BLE001 - signedjson raises several kinds
+        raise node.error(
+            "signing_key_file", f"{path}: not a signing key in Synapse's format ({e})"
+        ) from None
+    if not keys:
+        raise node.error("signing_key_file", f"{path}: no key in it")
+    return keys[0]
 
 
 def _checks(node: _Node, name: str) -> dict[str, CheckSetting]:

@@ -25,6 +25,7 @@ from proxy_addons.flowinfo import (
     known_flow_state,
     request_body,
 )
+from proxy_addons.outbound import is_outbound
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from proxy_addons.store import KnockRecord
@@ -82,6 +83,8 @@ class Enforcer:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        if is_outbound(flow, self.holder.runtime):
+            return
         await self.inspect_request(flow)
 
     async def inspect_request(self, flow: http.HTTPFlow) -> None:
@@ -114,6 +117,8 @@ class Enforcer:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         runtime = self.holder.runtime
+        if is_outbound(flow, runtime):
+            return
         state = known_flow_state(flow)
         if runtime is None or state is None or state.answered_locally:
             return

@@ -13,6 +13,7 @@ from proxy_addons.configurator import Configurator  # noqa: E402
 from proxy_addons.enforcer import Enforcer  # noqa: E402
 from proxy_addons.eventhook import EventHook  # noqa: E402
 from proxy_addons.exporter import MetricsExporter  # noqa: E402
+from proxy_addons.outbound import OutboundWatcher  # noqa: E402
 from proxy_addons.runtime import RuntimeHolder  # noqa: E402
 
 _holder = RuntimeHolder()
@@ -21,5 +22,6 @@ addons = [
     Configurator(_holder),
     MetricsExporter(_holder),
     Enforcer(_holder),
+    OutboundWatcher(_holder),
     EventHook(_holder),
 ]

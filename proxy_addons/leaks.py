@@ -34,7 +34,9 @@ AUTHOR_REFUSED = frozenset(
 )
 _ORIGIN_ONLY = frozenset({Rule.ACL_ORIGIN, Rule.POLICY_ORIGIN, Rule.PARTICIPATION_ORIGIN})
 # What `modgud leaks` reports: events that got (or tried to get) past a refusal through
-# another server, events built on them, and EDUs speaking for another server's users.
+# another server, events built on them, EDUs speaking for another server's users, our own
+# server sending a room's events to a server refused in it, and events of refused servers
+# served to our own server's pulls.
 LEAK_RULES = (
     Rule.ACL_SENDER,
     Rule.POLICY_SENDER,
@@ -42,6 +44,8 @@ LEAK_RULES = (
     Rule.POLICY_USER,
     Rule.LEAK_REFERENCE,
     Rule.EDU_IMPERSONATION,
+    Rule.LEAK_OUTBOUND,
+    Rule.LEAK_PULLED,
 )
 
 

@@ -1,5 +1,6 @@
 """`modgud audit CAPTURE`: the edge's checks over a saved capture (`mitmdump -w`, or
-`modgud run -- -w FILE`), in audit mode, into a findings database of its own.
+`modgud run -- -w FILE`), in audit mode, into a findings database of its own. Flows of
+the outbound listener (the homeserver's own requests) go through its checks.
 
 Room state comes from the homeserver as it is *now*: a capture replayed after the rooms'
 ACLs changed is judged by the new ones (`--since` limits the replay to flows after a
@@ -19,6 +20,7 @@ from mitmproxy.io import FlowReader
 from proxy_addons.config import Config, Mode
 from proxy_addons.enforcer import Enforcer
 from proxy_addons.flowinfo import forget_flow_state
+from proxy_addons.outbound import OutboundWatcher, is_proxied
 from proxy_addons.runtime import RuntimeHolder, build_runtime
 
 __all__ = ["ReplayError", "read_flows", "replay_capture"]
@@ -51,6 +53,7 @@ async def replay_capture(
     holder = RuntimeHolder()
     holder.runtime = build_runtime(replay_config)
     enforcer = Enforcer(holder)
+    watcher = OutboundWatcher(holder)
     count = 0
     try:
         for flow in read_flows(capture):
@@ -59,9 +62,14 @@ async def replay_capture(
             answer = flow.response
             flow.response = None
             forget_flow_state(flow)
-            await enforcer.inspect_request(flow)
-            flow.response = answer
-            await enforcer.response(flow)
+            if is_proxied(flow):  # the homeserver's own requests, on the outbound listener
+                await watcher.inspect_request(flow)
+                flow.response = answer
+                await watcher.inspect_response(flow)
+            else:
+                await enforcer.inspect_request(flow)
+                flow.response = answer
+                await enforcer.response(flow)
             count += 1
     finally:
         holder.runtime.store.flush(30)

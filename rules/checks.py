@@ -31,6 +31,7 @@ __all__ = [
     "check_edu",
     "check_event",
     "check_invite",
+    "check_outbound",
     "check_pdu",
     "check_references",
     "event_references",
@@ -142,6 +143,56 @@ def apply_actions_to_transaction(
         tuple(apply_actions(i, policy) for i in verdict.edus),
         verdict.findings,
     )
+
+
+def check_outbound(
+    txn: Transaction,
+    local_server: str,
+    destination: str,
+    rooms: RoomLookup,
+    policy: OperatorPolicy = NO_POLICY,
+    *,
+    fail_open: bool = True,
+) -> TransactionVerdict:
+    """Our own homeserver's transaction to `destination`: each PDU, and each EDU about a
+    room (typing, receipts), is refused when the destination may not take part in its
+    room — the homeserver knows nothing of policy lists or participation, and keeps
+    sending to servers its ACL denies (Synapse picks destinations by membership alone).
+    Blamed on the local server: it is the one leaking."""
+
+    def verdict(position: int, room_ids: list[str], what: str, pdu: Pdu | None) -> ItemVerdict:
+        findings: list[Finding] = []
+        for room_id in room_ids:
+            room = rooms.get(room_id)
+            if isinstance(room, StateUnavailable):
+                return _unavailable(position, fail_open, room_id, local_server)
+            refusal = authorise_server(destination, room, policy) if room is not None else None
+            if refusal is None:
+                continue
+            findings.append(
+                Finding(
+                    Rule.LEAK_OUTBOUND,
+                    Severity.HIGH,
+                    f"{local_server} sends {what} to {destination}: {refusal.reason}",
+                    room_id=room_id,
+                    event_id=_event_id(pdu, room) if pdu is not None and room is not None else None,
+                    event_type=pdu.event_type if pdu is not None else what,
+                    sender=pdu.sender if pdu is not None else None,
+                    sender_server=pdu.sender_server if pdu is not None else None,
+                    origin=local_server,
+                    attributed_to=local_server,
+                )
+            )
+        if not findings:
+            return ItemVerdict(
+                position, Decision.ALLOW, (), None, room_ids[0] if room_ids else None
+            )
+        item = ItemVerdict(position, Decision.REFUSE, tuple(findings), None, findings[0].room_id)
+        return apply_actions(item, policy)
+
+    pdus = tuple(verdict(p.position, [p.room_id], "an event", p) for p in txn.pdus)
+    edus = tuple(verdict(e.position, edu_rooms(e), e.edu_type, None) for e in txn.edus)
+    return TransactionVerdict(pdus, edus, ())
 
 
 def rooms_of_transaction(txn: Transaction) -> set[str]:

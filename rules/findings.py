@@ -44,6 +44,8 @@ class Rule(enum.StrEnum):
     RESTRICTED_JOIN = "join.restricted"  # MSC3083 join authorised by someone who cannot
     LEAK_RELAYED = "leak.relayed"  # another server's event pushed by a server that did not write it
     LEAK_REFERENCE = "leak.reference"  # builds on (prev/auth events) an event of a refused server
+    LEAK_OUTBOUND = "leak.outbound"  # our homeserver sending a room's events to a refused server
+    LEAK_PULLED = "leak.pulled"  # a server serving refused servers' events to our pulls
     EDU_IMPERSONATION = "edu.impersonation"  # an EDU naming a user of another server
     MALFORMED_REQUEST = "malformed.request"  # body not JSON, wrong shape, over the limits
     MALFORMED_PDU = "malformed.pdu"

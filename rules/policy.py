@@ -111,6 +111,9 @@ CHECKS: Mapping[str, tuple[str, ...]] = {
     "signature": ("signature", "hash"),
     "edu_impersonation": ("edu",),
     "leaks": ("leak",),
+    # our own homeserver sending a room's events to a server refused in it (the outbound
+    # listener): refused by default, unlike the other leaks, which are evidence only
+    "outbound": ("leak.outbound",),
 }
 ACTIONS = ("drop", "flag", "off")
 SEVERITIES = ("info", "warning", "high")
@@ -148,7 +151,8 @@ _FAMILY_TO_CHECK = {family: check for check, families in CHECKS.items() for fami
 
 
 def check_of_rule(rule: str) -> str | None:
-    return _FAMILY_TO_CHECK.get(rule.split(".", 1)[0])
+    """The check behind a rule: by its full name first (leak.outbound), else its family."""
+    return _FAMILY_TO_CHECK.get(rule) or _FAMILY_TO_CHECK.get(rule.split(".", 1)[0])
 
 
 @dataclass(frozen=True, slots=True)

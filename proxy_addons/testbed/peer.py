@@ -186,6 +186,12 @@ class FederationPeer:
         self.rooms: dict[str, PeerRoom] = {}
         self.received: list[tuple[str, dict[str, Any]]] = []  # (destination, /send body)
         self.requests: list[tuple[str, str, str]] = []  # (server, method, path) served
+        # Every /send as signed: (server, method, path with query, Authorization headers,
+        # body), so a test can check the X-Matrix signature that arrived.
+        self.signed_sends: list[tuple[str, str, str, list[str], Any]] = []
+        # Seconds a server takes to answer /send: the homeserver queues what it has to
+        # send meanwhile and sends it as one transaction.
+        self.send_delay: dict[str, float] = {}
         # A misbehaving responder can be told to add events to what it serves.
         self.poison: dict[str, list[dict[str, Any]]] = {}
         self._cert, self._key = self_signed_certificate(self.workdir)
@@ -281,6 +287,13 @@ class FederationPeer:
                 body = json.loads(await request.read() or b"null")
             except ValueError:
                 return _json(400, {"errcode": "M_NOT_JSON", "error": "not JSON"})
+        if request.method == "PUT" and path.startswith("/_matrix/federation/v1/send/"):
+            auth = request.headers.getall("Authorization", [])
+            with self._lock:
+                self.signed_sends.append(
+                    (server.name, request.method, request.raw_path, auth, body)
+                )
+            await asyncio.sleep(self.send_delay.get(server.name, 0))
         try:
             with self._lock:
                 status, answer = self._answer(server, request.method, path, request.query, body)

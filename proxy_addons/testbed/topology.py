@@ -55,12 +55,23 @@ def _wait_port(port: int, timeout: float) -> bool:
 
 
 class Topology:
-    def __init__(self, workdir: Path, *, mode: str = "enforce", on_error: str = "open") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mode: str = "enforce",
+        on_error: str = "open",
+        outbound: bool = False,
+    ) -> None:
+        """`outbound`: hs1 sends its federation through modgud's outbound listener (its
+        https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying."""
         self.workdir = Path(workdir)
         self.mode = mode
         self.on_error = on_error
+        self.outbound = outbound
         self.modgud_port = free_port()
         self.hook_port = free_port()
+        self.outbound_port = free_port()
         self.metrics_port = free_port()
         self.hook_token = secrets.token_hex(16)
         hs2_tls, hs3_tls = free_port(), free_port()
@@ -71,6 +82,7 @@ class Topology:
         self.denied = self.peer.add_server("denied.test")
         self.unknown = self.peer.add_server("unknown.test")
         self.spammer = self.peer.add_server("spam.denied.test")  # for *.denied.test bans
+        self.outcast = self.peer.add_server()  # reachable; for the outbound tests alone
         keys = {"trusted_key_servers": [self.peer.trusted_key_server]}
         antispam = {
             "module": "synapse_http_antispam.HTTPAntispam",
@@ -86,12 +98,23 @@ class Topology:
                 "fail_open": {"check_event_for_spam": False},
             },
         }
+        hs1_config: dict[str, Any] = dict(keys)
+        if outbound:
+            from proxy_addons.outbound import ensure_ca
+
+            hs1_config |= {
+                "https_proxy": f"http://127.0.0.1:{self.outbound_port}",
+                # Every federation request of hs1 meets modgud's certificates, so hs1
+                # verifies them, against modgud's CA alone.
+                "federation_verify_certificates": True,
+                "federation_custom_ca_list": [str(ensure_ca(self.workdir / "ca"))],
+            }
         self.hs1 = SynapseHomeserver(
             self.workdir / "hs1",
             f"localhost:{self.modgud_port}",
             http_port=free_port(),
             modules=[antispam],
-            extra_config=keys,
+            extra_config=hs1_config,
         )
         self.hs2 = SynapseHomeserver(
             self.workdir / "hs2",
@@ -167,6 +190,7 @@ class Topology:
                     "listen:",
                     f"  inbound: 127.0.0.1:{self.modgud_port}",
                     f"  metrics: 127.0.0.1:{self.metrics_port}",
+                    *self._outbound_config(),
                     f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
                     "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
                     f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
@@ -203,6 +227,17 @@ class Topology:
         if not (_wait_port(self.hook_port, 30) and _wait_port(self.modgud_port, 30)):
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())
+
+    def _outbound_config(self) -> list[str]:
+        if not self.outbound:
+            return []
+        return [
+            f"  outbound: 127.0.0.1:{self.outbound_port}",
+            "outbound:",
+            "  ca_dir: ca",
+            "  verify_tls: false  # the test servers' self-signed certificates",
+            f"  signing_key_file: {self.hs1.signing_key_path}",
+        ]
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run `modgud ARGS --config <this topology's config>`, as an operator would."""

@@ -11,8 +11,8 @@ import pytest
 from proxy_addons.testbed.topology import Topology
 
 
-def _topology(tmp_path_factory, mode):
-    topo = Topology(tmp_path_factory.mktemp(f"fed-{mode}"), mode=mode)
+def _topology(tmp_path_factory, mode, **options):
+    topo = Topology(tmp_path_factory.mktemp(f"fed-{mode}"), mode=mode, **options)
     topo.start()
     return topo
 
@@ -29,3 +29,19 @@ def audit_topology(tmp_path_factory):
     topo = _topology(tmp_path_factory, "audit")
     yield topo
     topo.stop()
+
+
+@pytest.fixture(scope="session")
+def outbound_topology(tmp_path_factory):
+    """Enforce mode with hs1's own federation through modgud's outbound listener (its
+    https_proxy, modgud's CA trusted): a topology of its own, because it changes what
+    hs1 sends and pulls in every test."""
+    topo = _topology(tmp_path_factory, "enforce", outbound=True)
+    yield topo
+    topo.stop()
+
+
+@pytest.fixture(params=["enforce", "outbound"])
+def any_enforce_topology(request):
+    """For tests that must hold with and without the outbound listener."""
+    return request.getfixturevalue(f"{request.param}_topology")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 from signedjson.key import generate_signing_key
 
@@ -113,13 +114,19 @@ def send_flow(origin, pdus=(), edus=(), txn_id="t1", raw_body=None, destination=
         body,
         {"Authorization": auth, "Content-Type": "application/json"},
     )
-    return tflow.tflow(req=request)
+    return inbound(tflow.tflow(req=request))
 
 
 def get_flow(origin, path, key=None):
     auth = sign_request("GET", path, origin, LOCAL, None, key or KEYS[origin])
     request = http.Request.make("GET", f"http://{LOCAL}{path}", b"", {"Authorization": auth})
-    return tflow.tflow(req=request)
+    return inbound(tflow.tflow(req=request))
+
+
+def inbound(flow):
+    """A flow of the inbound listener (mitmproxy's reverse mode), as modgud runs it."""
+    flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:8008")
+    return flow
 
 
 async def run_edge(holder, flow):

@@ -64,12 +64,7 @@ def test_full_config_reads_tokens_from_files(tmp_path):
         (MINIMAL + "on_error: maybe\n", "on_error", 3, "expected open or closed"),
         (MINIMAL + "listen:\n  inbound: 8448\n", "listen.inbound", 4, "expected str"),
         (MINIMAL + "listen:\n  metrics: 'localhost:0'\n", "listen.metrics", 4, "host:port"),
-        (
-            MINIMAL + "listen:\n  outbound: '127.0.0.1:8449'\n",
-            "listen.outbound",
-            4,
-            "not implemented",
-        ),
+        (MINIMAL + "listen:\n  outbound: 'nowhere'\n", "listen.outbound", 4, "host:port"),
         (MINIMAL + "hook:\n  token_file: missing.token\n", "hook.token_file", 4, "cannot read"),
         (MINIMAL + "verify_signatures: 'yes'\n", "verify_signatures", 3, "expected bool"),
         (MINIMAL + "state:\n  ttl_seconds: -1\n", "state.ttl_seconds", 4, "must be positive"),
@@ -202,7 +197,9 @@ def test_shipped_example_config_is_valid(tmp_path):
     shutil.copy(example, path)
     for name in ("fullchain.pem", "privkey.pem", "hook.token", "admin.token", "moderator.token"):
         (tmp_path / name).write_text("x")
+    (tmp_path / "homeserver.signing.key").write_text("ed25519 a_key " + "A" * 43 + "\n")
     config = load_config(path)
+    assert config.outbound is not None and config.outbound_signing_key is not None
     assert config.policy_lists == ("!banlist:example.org",)
     assert config.check_actions.setting("edu_impersonation", None, ()).action == "flag"
     assert main(["check-config", str(path)]) == 0

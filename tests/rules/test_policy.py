@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rules.checks import check_event, check_pdu, check_request_origin, check_restricted_join
@@ -305,3 +307,43 @@ def test_relayed_detector_and_its_legitimate_relays(
     item = check_pdu(event, "leaky.test", {ROOM: state()}, fail_open=True)
     assert (Rule.LEAK_RELAYED in [f.rule for f in item.findings]) is relayed
     assert item.decision is Decision.ALLOW
+
+
+def test_outbound_push_is_refused_per_room_by_acl_policy_list_and_participation():
+    """Our own transaction to a destination: an item is refused where the destination may
+    not take part in its room, whatever barrier; blamed on the local server; the
+    `outbound` check is drop by default, unlike the other leak checks (flag)."""
+    from rules.checks import check_outbound
+    from rules.federation import parse_transaction
+    from rules.policy import CheckActions, CheckSetting
+
+    deny_acl = {
+        "type": "m.room.server_acl",
+        "state_key": "",
+        "content": {"allow": ["*"], "deny": ["acl.test"]},
+    }
+    rooms = {
+        "!acl:hs.test": state(deny_acl),
+        "!part:hs.test": state(participation("part.test", "deny")),
+        "!open:hs.test": state(),
+    }
+    events = [
+        {"room_id": room, "sender": "@admin:hs.test", "type": "m.room.message", "content": {}}
+        for room in rooms
+    ]
+    body = json.dumps({"origin": LOCAL, "pdus": events, "edus": []}).encode()
+    txn = parse_transaction(body, "t", LOCAL)
+    policy = OperatorPolicy(LOCAL, bans=BanList(["banned.test"]))
+
+    def refused(destination, operator=policy):
+        verdict = check_outbound(txn, LOCAL, destination, rooms, operator)
+        assert all(f.attributed_to == LOCAL for f in verdict.all_findings())
+        return [v.room_id for v in verdict.pdus if v.refused]
+
+    assert refused("acl.test") == ["!acl:hs.test"]
+    assert refused("part.test") == ["!part:hs.test"]
+    assert refused("banned.test") == list(rooms)
+    assert refused("fine.test") == []
+    flag = OperatorPolicy(LOCAL, actions=CheckActions({"outbound": CheckSetting("flag")}))
+    assert refused("acl.test", flag) == []
+    assert check_outbound(txn, LOCAL, "acl.test", rooms, flag).all_findings()
