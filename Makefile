@@ -10,7 +10,7 @@ SYNAPSE_VERSION ?= 1.163.2
 ANTISPAM_VERSION ?= 0.5.1
 PYTEST_ARGS ?=
 
-.PHONY: all venv synapse demo test check lint typecheck unit e2e bench clean
+.PHONY: all venv synapse deps demo test check lint typecheck unit e2e bench clean
 
 all: check
 
@@ -32,12 +32,16 @@ $(SYNAPSE_VENV)/.stamp:
 
 synapse: $(SYNAPSE_VENV)/.stamp
 
+## nginx and Prometheus from Debian's packages, when missing (as root; else says what to install).
+deps:
+	@.ci/system-deps
+
 ## The demo: a real Synapse behind modgud, a second Synapse, scripted federation traffic.
 demo: venv synapse
 	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m proxy_addons.testbed.demo
 
 ## The full suite: lint, types, unit tests, end-to-end tests against real Synapse.
-test: check synapse
+test: check synapse deps
 	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m pytest -q -m e2e $(PYTEST_ARGS)
 
 ## Fast checks: ruff, mypy (strict on rules/), unit and addon tests.
