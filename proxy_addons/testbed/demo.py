@@ -63,13 +63,47 @@ def _chapter(n: int, topo: Topology, outcome: Outcome) -> None:
         say(f"   UNEXPECTED: {failure}")
 
 
+def _outbound_chapter(n: int, topo: Topology) -> int:
+    """hs1 itself would leak: Synapse keeps sending a room's events to a server the room
+    has denied. Returns the number of unmet expectations."""
+    say(
+        f"\n{n}. A server joined alice's room, then the room denied its participation"
+        " (m.server.participation: deny). Synapse knows nothing of that and keeps sending"
+        " it the room's messages; modgud's outbound listener keeps them back."
+    )
+    room_id = topo.alice.create_room(room_version="12", name="outbound")
+    topo.peer_join(topo.outcast, "outcast", room_id)
+    topo.alice.send_state(
+        room_id, "m.server.participation", topo.outcast.name, {"participation": "deny"}
+    )
+    time.sleep(1.5)
+    topo.alice.send_message(room_id, "not for the outcast")
+    rows = topo.wait_for_findings(
+        lambda r: any(f["rule"] == "leak.outbound" for f in r), room=room_id
+    )
+    time.sleep(1)
+    got = any(
+        p.get("content", {}).get("body") == "not for the outcast"
+        for _, txn in topo.peer.received
+        for p in txn.get("pdus", [])
+    )
+    say(f"   {topo.outcast.name} " + ("RECEIVED IT" if got else "never receives it"))
+    outbound = [f for f in rows if f["rule"] == "leak.outbound"]
+    if outbound:
+        say("   modgud:")
+        for f in outbound:
+            _finding(f)
+    return int(got) + int(not outbound)
+
+
 def run(workdir: Path) -> int:
     started = time.monotonic()
     say("modgud demo: starting real Synapse homeservers, the federation peer and modgud…")
     failures = 0
-    with Topology(workdir, mode="enforce") as topo:
+    with Topology(workdir, mode="enforce", outbound=True) as topo:
         say(
-            f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with the event hook"
+            f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with the event hook;"
+            " its own federation goes out through modgud too (https_proxy)"
         )
         say(f"  hs2      {topo.hs2.server_name:<22} Synapse, direct")
         say(
@@ -77,6 +111,7 @@ def run(workdir: Path) -> int:
         )
         say(f"  denied   {topo.denied.name:<22} peer: the server the rooms' ACLs deny")
         say(f"  unknown  {topo.unknown.name:<22} peer: a server nobody has heard of")
+        say(f"  outcast  {topo.outcast.name:<22} peer: joined, then denied participation")
 
         room_id = topo.alice.create_room(room_version="12", name="modgud demo")
         topo.bob.join(room_id, via=[topo.hs1.server_name])
@@ -94,6 +129,8 @@ def run(workdir: Path) -> int:
             outcome = run_scenario(topo, by_name[name], settle=1.0)
             _chapter(n, topo, outcome)
             failures += len(outcome.failures)
+
+        failures += _outbound_chapter(len(CHAPTERS) + 1, topo)
 
         say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, among them:")
         for line in topo.metrics_text().splitlines():
