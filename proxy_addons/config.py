@@ -83,6 +83,8 @@ class Config:
     # homeserver: the Client-Server API and a room admin's token, for approve/deny
     client_api: str = ""
     room_admin_token: str | None = field(default=None, repr=False)
+    # servers that may appear as a label of the per-server metrics (bounded by the operator)
+    metrics_servers: tuple[str, ...] = ()
     # outbound: the homeserver's https_proxy (the federation requests it sends itself)
     outbound: Listen | None = None
     outbound_ca_dir: str = "ca"  # mitmproxy's confdir: the CA the homeserver must trust
@@ -292,6 +294,7 @@ def load_config(path: str | Path) -> Config:
         raise top.error("max_body_bytes", "must be at least 65536")
     key_servers = _parse_key_servers(top)
     outbound_options = _parse_outbound(top, base, database, outbound is not None)
+    metrics_servers = _parse_metrics(top)
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
     spaces: tuple[str, ...] = ()
@@ -321,6 +324,7 @@ def load_config(path: str | Path) -> Config:
         metrics=metrics,
         outbound=outbound,
         **outbound_options,
+        metrics_servers=metrics_servers,
         hook=hook,
         hook_token=hook_token,
         admin_api=admin_api,
@@ -381,6 +385,22 @@ def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:
         node.reject_unknown()
         out.append(KeyServer(server_name, tuple(keys), url, verify_tls))
     return tuple(out)
+
+
+def _parse_metrics(top: _Node) -> tuple[str, ...]:
+    """`metrics: {servers: [...]}`: the servers whose names may label metrics, like
+    Synapse's federation_metrics_domains (a bounded list, so label sets stay bounded)."""
+    node = top.child("metrics")
+    if node is None:
+        return ()
+    servers = node.get("servers", list, [])
+    for value in servers:
+        if not isinstance(value, str) or parse_server_name(value) is None:
+            raise node.error("servers", f"expected server names, got {value!r}")
+    if len(servers) > 1000:
+        raise node.error("servers", "at most 1000 servers (each is a label value)")
+    node.reject_unknown()
+    return tuple(s.lower() for s in servers)
 
 
 def _parse_outbound(top: _Node, base: Path, database: str, listening: bool) -> dict[str, Any]:

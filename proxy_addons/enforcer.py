@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import replace
 
 from mitmproxy import http
@@ -26,7 +25,7 @@ from proxy_addons.flowinfo import (
     request_body,
 )
 from proxy_addons.outbound import is_outbound
-from proxy_addons.recording import record_findings
+from proxy_addons.recording import count_items, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from proxy_addons.store import KnockRecord
 from proxy_addons.verdicts import EdgeVerdict
@@ -112,8 +111,15 @@ class Enforcer:
             if runtime.config.mode is Mode.SINK and flow.response is None:
                 _answer_as_sink(flow, state)
                 outcome = "sink"
-            runtime.metrics.requests.labels("inbound", endpoint.cls.value, outcome).inc()
-            runtime.metrics.transaction_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics = runtime.metrics
+            metrics.requests.labels("inbound", endpoint.cls.value, outcome).inc()
+            metrics.transaction_seconds.labels("inbound").observe(elapsed)
+            if state.pdu_count:
+                metrics.pdu_seconds.labels("inbound").observe(elapsed / state.pdu_count)
+            server = metrics.server_label(state.auth.origin if state.auth else None)
+            if server is not None:
+                metrics.server_requests.labels(server, outcome).inc()
 
     async def response(self, flow: http.HTTPFlow) -> None:
         runtime = self.holder.runtime
@@ -269,6 +275,7 @@ class Enforcer:
         txn_id = state.endpoint.txn_id or ""
         body = request_body(flow)
         txn = parse_transaction(body, txn_id, origin)
+        state.pdu_count = len(txn.pdus)
         if txn.error is not None:
             return self._refuse_request(runtime, flow, state, txn.error, 400, "M_BAD_JSON")
         rooms = await runtime.state.get_many(
@@ -302,18 +309,12 @@ class Enforcer:
             runtime.verdicts.put(
                 item.event_id, EdgeVerdict(item.decision, reason, origin, item.findings)
             )
-        # One increment per label set, not per item: a transaction has up to 150 items.
-        for counter, items in (
-            (runtime.metrics.pdus, verdict.pdus),
-            (runtime.metrics.edus, verdict.edus),
-        ):
-            if not any(i.findings for i in items):
-                if items:
-                    counter.labels("inbound", "allowed", "none").inc(len(items))
-                continue
-            counts = Counter((_action(config.enforcing, i, verdict), _rule(i)) for i in items)
-            for (action, rule), n in counts.items():
-                counter.labels("inbound", action, rule).inc(n)
+
+        def action_of(item: ItemVerdict) -> str:
+            return _action(config.enforcing, item, verdict)
+
+        count_items(runtime.metrics.pdus, "inbound", verdict.pdus, action_of)
+        count_items(runtime.metrics.edus, "inbound", verdict.edus, action_of)
         if config.enforcing and not config.fail_open and _state_missing(verdict):
             # on_error: closed, and a room's state could not be had: nothing unverified
             # passes, and a 5xx makes the sender retry the transaction later.
@@ -503,10 +504,6 @@ def _reason(item: ItemVerdict) -> str:
         "; ".join(f.detail for f in item.findings if f.rule is not Rule.UNKNOWN_ROOM_VERSION)
         or "refused"
     )
-
-
-def _rule(item: ItemVerdict) -> str:
-    return str(item.findings[0].rule) if item.findings else "none"
 
 
 def _action(enforcing: bool, item: ItemVerdict, verdict: TransactionVerdict) -> str:

@@ -143,7 +143,7 @@ def make_app(holder: RuntimeHolder) -> web.Application:
             runtime.metrics.hook_calls.labels(
                 callback, "refuse" if answer.status == 403 else "allow", decided_by
             ).inc()
-            runtime.metrics.hook_seconds.observe(time.perf_counter() - started)
+            runtime.metrics.hook_seconds.labels(callback).observe(time.perf_counter() - started)
 
     async def user_may_invite(request: web.Request) -> web.Response:
         """A local user invites someone: refused when the invitee's server may not take
@@ -152,6 +152,7 @@ def make_app(holder: RuntimeHolder) -> web.Application:
         if runtime is None or not _authorized(runtime, request):
             return _allow() if runtime is None else _unauthorized()
         answer = _allow()
+        started = time.perf_counter()
         try:
             body = await request.json()
             inviter, invitee, room_id = (body.get(k) for k in ("inviter", "invitee", "room_id"))
@@ -188,6 +189,9 @@ def make_app(holder: RuntimeHolder) -> web.Application:
             runtime.metrics.hook_calls.labels(
                 "user_may_invite", "refuse" if answer.status == 403 else "allow", "hook"
             ).inc()
+            runtime.metrics.hook_seconds.labels("user_may_invite").observe(
+                time.perf_counter() - started
+            )
 
     async def ping(request: web.Request) -> web.Response:
         try:

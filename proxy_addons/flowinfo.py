@@ -35,6 +35,7 @@ class FlowState:
     origin_verified: bool = False
     stale_rooms: set[str] = field(default_factory=set)
     answered_locally: bool = False
+    pdu_count: int = 0  # PDUs of a /send, for the per-PDU decision time
 
 
 def request_auth(flow: http.HTTPFlow) -> XMatrixAuth | None:

@@ -43,6 +43,7 @@ class KeyCache:
         max_servers: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         key_servers: tuple[KeyServer, ...] = (),
+        on_fetch: Callable[[str, float], None] | None = None,
     ) -> None:
         self.notary_url = notary_url.rstrip("/")
         self.key_servers = key_servers
@@ -55,6 +56,11 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Future[dict[str, ServerKey]]] = {}
         self.fetches = 0
         self.errors = 0
+        self._on_fetch = on_fetch
+        self._started: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def lookup(self, server_name: str, key_id: str) -> ServerKey | None:
         """Synchronous lookup of what is cached (a `rules.signatures.KeyLookup`)."""
@@ -71,6 +77,7 @@ class KeyCache:
         future = self._inflight.get(server_name)
         if future is None:
             future = asyncio.ensure_future(self._fetch(server_name, key_id))
+            self._started[server_name] = self._clock()
             self._inflight[server_name] = future
             future.add_done_callback(lambda f: self._done(server_name, f))
         try:
@@ -82,8 +89,12 @@ class KeyCache:
 
     def _done(self, server_name: str, future: asyncio.Future[dict[str, ServerKey]]) -> None:
         self._inflight.pop(server_name, None)
-        if not future.cancelled() and future.exception() is not None:
+        failed = future.cancelled() or future.exception() is not None
+        if failed:
             self.errors += 1
+        started = self._started.pop(server_name, None)
+        if self._on_fetch is not None and started is not None:
+            self._on_fetch("error" if failed else "ok", self._clock() - started)
 
     async def _fetch(self, server_name: str, key_id: str) -> dict[str, ServerKey]:
         self.fetches += 1

@@ -1,86 +1,165 @@
-"""Prometheus metrics. Prefix modgud_, counters end in _total, label sets bounded
-(rule, action, direction, endpoint class, outcome) — never server names or room IDs."""
+"""Prometheus metrics: the catalogue (README "Metrics" lists each with its meaning).
+
+Prefix modgud_, counters end in _total (prometheus_client adds it), label sets bounded:
+rule, action, direction, endpoint class, outcome, cache — never room IDs, and server
+names only for the servers the operator lists in `metrics.servers` (like Synapse's
+federation_metrics_domains). Counts that live in SQLite (knocks waiting, the database's
+size) are read when Prometheus scrapes, by DatabaseCollector.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import logging
+import os
+import platform
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["Metrics"]
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["DatabaseCollector", "Metrics", "LEAK_KINDS"]
+
+logger = logging.getLogger(__name__)
+
+# No `_created` series beside every counter and histogram: nobody graphs them.
+disable_created_metrics()
+
+# Latency buckets from 0.25 ms (a decided transaction) to 5 s (a state fetch timing out).
+_FAST = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_PER_PDU = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.05)
+
+# The findings that count as leaks (modgud_leaks_total{kind}): the rule names.
+LEAK_KINDS = frozenset(
+    {
+        "acl.sender",
+        "policy.sender",
+        "participation.sender",
+        "policy.user",
+        "leak.relayed",
+        "leak.reference",
+        "leak.outbound",
+        "leak.pulled",
+        "edu.impersonation",
+    }
+)
 
 
 class Metrics:
     """All of modgud's metrics on one registry (injectable, so tests read samples)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, servers: tuple[str, ...] = ()) -> None:
         self.registry = registry
-        self.requests = Counter(
+        self.servers = frozenset(s.lower() for s in servers)  # may appear as a label
+        c = self._counter
+        self.requests = c(
             "modgud_requests",
-            "Federation requests seen, by endpoint class and outcome",
+            "Federation requests, by direction, endpoint class and outcome",
             ["direction", "endpoint", "outcome"],
-            registry=registry,
         )
-        self.pdus = Counter(
+        self.pdus = c(
             "modgud_pdus",
-            "PDUs checked, by action (allowed|dropped|flagged) and deciding rule",
+            "PDUs checked, by direction, action and deciding rule (none: nothing found)",
             ["direction", "action", "rule"],
-            registry=registry,
         )
-        self.edus = Counter(
+        self.edus = c(
             "modgud_edus",
-            "EDUs checked, by EDU type class, action and deciding rule",
+            "EDUs checked, by direction, action and deciding rule (none: nothing found)",
             ["direction", "action", "rule"],
-            registry=registry,
         )
-        self.findings = Counter(
+        self.findings = c(
             "modgud_findings",
-            "Findings recorded, by rule and action",
+            "Findings recorded, by rule, action and severity",
             ["rule", "action", "severity"],
-            registry=registry,
         )
-        self.hook_calls = Counter(
+        self.leaks = c(
+            "modgud_leaks",
+            "Leak findings, by kind (the rule) and confidence",
+            ["kind", "confidence"],
+        )
+        self.server_findings = c(
+            "modgud_server_findings",
+            "Findings blamed on a server the operator listed in metrics.servers, by rule",
+            ["server", "rule"],
+        )
+        self.server_requests = c(
+            "modgud_server_requests",
+            "Inbound requests from a server listed in metrics.servers, by outcome",
+            ["server", "outcome"],
+        )
+        self.hook_calls = c(
             "modgud_hook_calls",
-            "Event hook (synapse-http-antispam) calls, by answer and how it was decided",
+            "Event hook (synapse-http-antispam) calls, by callback, answer and decider",
             ["callback", "answer", "decided_by"],
-            registry=registry,
+        )
+        self.state_fetches = c(
+            "modgud_state_fetches",
+            "Room-state fetches from the homeserver, by outcome",
+            ["outcome"],
+        )
+        self.key_fetches = c(
+            "modgud_key_fetches",
+            "Server-key fetches (homeserver notary, then trusted key servers), by outcome",
+            ["outcome"],
+        )
+        self.fail_open = c(
+            "modgud_fail_open",
+            "Items let through because a check could not be made (on_error: open), by place",
+            ["where"],
+        )
+        self.internal_errors = c(
+            "modgud_internal_errors", "Internal errors caught by modgud, by place", ["where"]
+        )
+        self.knocks = c(
+            "modgud_knocks",
+            "Knocks (m.server.knock) from servers not yet permitted, queued for approval",
+            [],
         )
         self.hook_seconds = Histogram(
             "modgud_hook_seconds",
-            "Event hook answer time",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0, 2.5),
+            "Event hook answer time, by callback",
+            ["callback"],
+            buckets=_FAST,
             registry=registry,
         )
         self.transaction_seconds = Histogram(
             "modgud_transaction_seconds",
-            "Time modgud spends deciding one inbound request (not counting the homeserver)",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5),
+            "Time modgud spends deciding one request (not counting the homeserver), by direction",
+            ["direction"],
+            buckets=_FAST,
             registry=registry,
         )
-        self.state_fetches = Counter(
-            "modgud_state_fetches",
-            "Room-state fetches from the homeserver, by outcome",
-            ["outcome"],
+        self.pdu_seconds = Histogram(
+            "modgud_pdu_seconds",
+            "Decision time per PDU: one observation per /send, its time over its PDUs",
+            ["direction"],
+            buckets=_PER_PDU,
             registry=registry,
         )
         self.state_fetch_seconds = Histogram(
             "modgud_state_fetch_seconds",
             "Room-state fetch latency",
+            buckets=_FAST,
             registry=registry,
         )
-        self.fail_open = Counter(
-            "modgud_fail_open",
-            "Items let through because a check could not be made (on_error: open)",
-            ["where"],
-            registry=registry,
+        self.key_fetch_seconds = Histogram(
+            "modgud_key_fetch_seconds", "Server-key fetch latency", buckets=_FAST, registry=registry
         )
-        self.internal_errors = Counter(
-            "modgud_internal_errors",
-            "Internal errors caught by modgud, by place",
-            ["where"],
-            registry=registry,
-        )
-        self.knocks = Counter(
-            "modgud_knocks",
-            "Knocks (m.server.knock) from servers not yet permitted, queued for approval",
+        self.cache_entries = Gauge(
+            "modgud_cache_entries",
+            "Entries in modgud's bounded caches, by cache",
+            ["cache"],
             registry=registry,
         )
         self.policy_rules = Gauge(
@@ -88,14 +167,108 @@ class Metrics:
             "Ban rules (servers and users) from the subscribed policy lists",
             registry=registry,
         )
-        self.rooms_cached = Gauge(
-            "modgud_rooms_cached", "Rooms in the state cache", registry=registry
+        self.acl_largest_bytes = Gauge(
+            "modgud_acl_largest_bytes",
+            "The largest m.room.server_acl content among cached rooms, in canonical JSON bytes "
+            "(events are capped at 65536)",
+            registry=registry,
         )
-        self.verdicts_cached = Gauge(
-            "modgud_verdicts_cached", "Event verdicts kept for the event hook", registry=registry
+        self.rooms_acl_allow_empty = Gauge(
+            "modgud_rooms_acl_allow_empty",
+            "Cached rooms whose server ACL allows no server at all (redacted, or emptied)",
+            registry=registry,
+        )
+        self.store_queue = Gauge(
+            "modgud_store_queue",
+            "Records waiting for the SQLite writer",
+            registry=registry,
         )
         self.build = Info("modgud_build", "modgud build information", registry=registry)
+        self.start_time = Gauge(
+            "modgud_start_time_seconds", "When modgud started (Unix time)", registry=registry
+        )
+        self.start_time.set(time.time())
+        # process_* (memory, CPU, open files) and python_info, on modgud's own registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def server_label(self, server: str | None) -> str | None:
+        """The server as a label value when the operator listed it, else None."""
+        if not server or not self.servers:
+            return None
+        name = server.lower()
+        if name in self.servers:
+            return name
+        host = name.rsplit(":", 1)[0] if not name.endswith("]") else name
+        return host if host in self.servers else None
 
     def observe_state_fetch(self, outcome: str, seconds: float) -> None:
         self.state_fetches.labels(outcome).inc()
         self.state_fetch_seconds.observe(seconds)
+
+    def observe_key_fetch(self, outcome: str, seconds: float) -> None:
+        self.key_fetches.labels(outcome).inc()
+        self.key_fetch_seconds.observe(seconds)
+
+    def set_build(self, mode: str) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "unknown"
+
+        self.build.info(
+            {
+                "version": of("modgud"),
+                "mitmproxy": of("mitmproxy"),
+                "python": platform.python_version(),
+                "mode": mode,
+            }
+        )
+
+    def watch_caches(self, sizes: Mapping[str, Callable[[], float]]) -> None:
+        for cache, size in sizes.items():
+            self.cache_entries.labels(cache).set_function(size)
+
+
+class DatabaseCollector(Collector):
+    """What lives in SQLite, read at scrape time: knocks waiting for a decision, how long
+    the oldest has waited, and the database's size on disk. One short read-only query per
+    scrape; an unreadable database yields no samples rather than an error."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # collected lazily: no samples are read at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
+        yield GaugeMetricFamily(
+            "modgud_database_bytes", "The findings database's size on disk, WAL included", size
+        )
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
+            try:
+                pending, oldest = conn.execute(
+                    "SELECT COUNT(*), MIN(first_seen) FROM knocks WHERE status = 'pending'"
+                ).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            logger.debug("knocks unreadable at scrape: %s", e)
+            return
+        yield GaugeMetricFamily(
+            "modgud_knocks_pending", "Knocks waiting for an approve or deny", pending
+        )
+        yield GaugeMetricFamily(
+            "modgud_knock_oldest_pending_seconds",
+            "How long the oldest pending knock has waited (0: none waiting)",
+            max(0.0, self._clock() - oldest) if oldest is not None else 0.0,
+        )

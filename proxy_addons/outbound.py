@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from mitmproxy.proxy.mode_specs import RegularMode
 from proxy_addons.endpoints import EndpointClass, classify_path
 from proxy_addons.eventindex import lookup_events
 from proxy_addons.flowinfo import json_response, request_body
-from proxy_addons.recording import record_findings
+from proxy_addons.recording import count_items, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
-from rules.checks import TransactionVerdict, check_outbound, rooms_of_transaction
+from rules.checks import ItemVerdict, TransactionVerdict, check_outbound, rooms_of_transaction
 from rules.eventhash import compute_event_id
-from rules.federation import Pdu, Transaction, parse_json_body, parse_pdu, parse_transaction
+from rules.federation import Pdu, parse_json_body, parse_pdu, parse_transaction
 from rules.findings import Confidence, Finding, Rule, Severity
 from rules.policy import authorise_server
 from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
@@ -105,19 +106,33 @@ class OutboundWatcher:
             return
         if flow.request.method != "PUT":
             return
+        started = time.perf_counter()
+        outcome, pdus = "forwarded", 0
         try:
-            await self.check_push(runtime, flow, endpoint.txn_id or "")
+            outcome, pdus = await self.check_push(runtime, flow, endpoint.txn_id or "")
         except Exception:
             # Our own server's traffic: an internal error lets it through, counted.
             logger.exception("internal error checking an outbound transaction")
             runtime.metrics.internal_errors.labels("outbound").inc()
+            runtime.metrics.fail_open.labels("outbound").inc()
+            outcome = "error"
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics = runtime.metrics
+            metrics.requests.labels("outbound", "send", outcome).inc()
+            metrics.transaction_seconds.labels("outbound").observe(elapsed)
+            if pdus:
+                metrics.pdu_seconds.labels("outbound").observe(elapsed / pdus)
 
-    async def check_push(self, runtime: Runtime, flow: http.HTTPFlow, txn_id: str) -> None:
+    async def check_push(
+        self, runtime: Runtime, flow: http.HTTPFlow, txn_id: str
+    ) -> tuple[str, int]:
+        """Judge and enforce one outbound /send; its outcome and PDU count."""
         config = runtime.config
         destination = destination_of(flow)
         txn = parse_transaction(request_body(flow), txn_id, config.server_name)
         if txn.error is not None:
-            return  # our own homeserver's body: nothing modgud should judge
+            return "forwarded", 0  # our own homeserver's body: nothing modgud should judge
         rooms_needed = rooms_of_transaction(txn)
         for pdu in txn.pdus:
             # The homeserver sends an event once it has stored it: a change of the room's
@@ -135,30 +150,43 @@ class OutboundWatcher:
         )
         if runtime.index is not None:
             runtime.index.see(txn.pdus, config.server_name, direction="outbound")
-        findings = verdict.all_findings()
-        if not findings:
-            return
-        action = "flagged"
+        outcome = "forwarded"
         if config.enforcing and verdict.refused_any:
-            action = self._enforce(runtime, flow, txn, verdict, destination)
-        record_findings(
-            runtime,
-            findings,
-            action=action,
-            endpoint="send",
-            txn_id=txn_id,
-            direction="outbound",
-        )
+            outcome = self._enforce(runtime, flow, verdict, destination)
+        elif verdict.refused_any:
+            outcome = "mixed"
+        action = "rejected" if outcome in ("refused", "rebuilt", "unavailable") else "flagged"
+
+        def action_of(item: ItemVerdict) -> str:
+            if item.refused and action == "rejected":
+                return "rejected"
+            return "flagged" if item.findings else "allowed"
+
+        metrics = runtime.metrics
+        count_items(metrics.pdus, "outbound", verdict.pdus, action_of)
+        count_items(metrics.edus, "outbound", verdict.edus, action_of)
+        findings = verdict.all_findings()
+        if any(f.rule is Rule.STATE_UNAVAILABLE for f in findings) and outcome != "unavailable":
+            metrics.fail_open.labels("outbound").inc()
+        if findings:
+            record_findings(
+                runtime,
+                findings,
+                action=action,
+                endpoint="send",
+                txn_id=txn_id,
+                direction="outbound",
+            )
+        return outcome, len(txn.pdus)
 
     def _enforce(
         self,
         runtime: Runtime,
         flow: http.HTTPFlow,
-        txn: Transaction,
         verdict: TransactionVerdict,
         destination: str,
     ) -> str:
-        """Keep the refused items from the destination; the action to record."""
+        """Keep the refused items from the destination; the request's outcome."""
         refused = [v for v in verdict.items if v.refused]
         if any(f.rule is Rule.STATE_UNAVAILABLE for v in refused for f in v.findings):
             # on_error: closed and the room's state unknown: not sent, and not claimed
@@ -166,16 +194,16 @@ class OutboundWatcher:
             json_response(
                 flow, 503, {"errcode": "M_UNKNOWN", "error": "modgud: room state unavailable"}
             )
-            return "rejected"
+            return "unavailable"
         if verdict.refused_all:
             json_response(flow, 200, {"pdus": {}})
-            return "rejected"
+            return "refused"
         key = runtime.config.outbound_signing_key
         if key is None:
-            return "flagged"  # mixed, and no key to sign a smaller transaction with
+            return "mixed"  # no key to sign a smaller transaction with: sent as it is
         body = _without_refused(request_body(flow), verdict)
         if body is None:
-            return "flagged"
+            return "mixed"
         flow.request.content = body
         auth = sign_request(
             flow.request.method,
@@ -186,7 +214,7 @@ class OutboundWatcher:
             key,
         )
         flow.request.headers.set_all("authorization", [auth])
-        return "rejected"
+        return "rebuilt"
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if is_outbound(flow, self.holder.runtime):

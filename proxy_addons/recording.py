@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
+from prometheus_client import Counter
+
+from proxy_addons.metrics import LEAK_KINDS
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import FindingRecord
+from rules.checks import ItemVerdict
 from rules.findings import Finding
 
-__all__ = ["record_findings"]
+__all__ = ["count_items", "record_findings"]
 
 
 def record_findings(
@@ -46,6 +51,32 @@ def record_findings(
     ]
     if records:
         runtime.store.record(records)
+        metrics = runtime.metrics
         for r in records:
-            runtime.metrics.findings.labels(r.rule, r.action, r.severity).inc()
+            metrics.findings.labels(r.rule, r.action, r.severity).inc()
+            if r.rule in LEAK_KINDS:
+                metrics.leaks.labels(r.rule, r.confidence).inc()
+            server = metrics.server_label(r.attributed_to)
+            if server is not None:
+                metrics.server_findings.labels(server, r.rule).inc()
     return len(records)
+
+
+def count_items(
+    counter: Counter,
+    direction: str,
+    items: Sequence[ItemVerdict],
+    action_of: Callable[[ItemVerdict], str],
+) -> None:
+    """Count a transaction's PDUs or EDUs by action and deciding rule: one increment per
+    label set, not per item (a transaction has up to 150 items)."""
+    if not items:
+        return
+    if not any(i.findings for i in items):
+        counter.labels(direction, "allowed", "none").inc(len(items))
+        return
+    counts = collections.Counter(
+        (action_of(i), str(i.findings[0].rule) if i.findings else "none") for i in items
+    )
+    for (action, rule), n in counts.items():
+        counter.labels(direction, action, rule).inc(n)

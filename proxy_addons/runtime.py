@@ -13,7 +13,7 @@ from proxy_addons.config import Config
 from proxy_addons.eventindex import EventIndex
 from proxy_addons.keys import KeyCache
 from proxy_addons.leaks import RefusedEvents
-from proxy_addons.metrics import Metrics
+from proxy_addons.metrics import DatabaseCollector, Metrics
 from proxy_addons.operatorpolicy import OperatorPolicySource
 from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
 from proxy_addons.store import FindingStore
@@ -70,7 +70,8 @@ def build_runtime(
     registry: CollectorRegistry | None = None,
     source: RoomStateSource | None = None,
 ) -> Runtime:
-    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry, servers=config.metrics_servers)
     holder: list[Runtime] = []
 
     def session() -> aiohttp.ClientSession:
@@ -89,6 +90,7 @@ def build_runtime(
             session,
             timeout=config.state_timeout_seconds,
             key_servers=config.trusted_key_servers,
+            on_fetch=metrics.observe_key_fetch,
         ),
         verdicts=VerdictCache(),
         policy=OperatorPolicySource(config, state_source.fetch_state),
@@ -96,9 +98,26 @@ def build_runtime(
     holder.append(runtime)
     runtime.index = EventIndex(runtime.store.record)
     runtime.refused.load(config.database)
-    metrics.rooms_cached.set_function(lambda: len(runtime.state))
-    metrics.verdicts_cached.set_function(lambda: len(runtime.verdicts))
+    index = runtime.index
+    metrics.watch_caches(
+        {
+            "rooms": lambda: len(runtime.state),
+            "verdicts": lambda: len(runtime.verdicts),
+            "keys": lambda: len(runtime.keys),
+            "refused_events": lambda: len(runtime.refused),
+            "index_seen": lambda: len(index),
+        }
+    )
     metrics.policy_rules.set_function(lambda: len(runtime.policy.current.bans))
+    metrics.acl_largest_bytes.set_function(
+        lambda: max((p.acl_bytes for p in runtime.state.policies()), default=0)
+    )
+    metrics.rooms_acl_allow_empty.set_function(
+        lambda: sum(1 for p in runtime.state.policies() if p.acl and p.acl.allows_nobody)
+    )
+    metrics.store_queue.set_function(lambda: runtime.store.pending)
+    metrics.set_build(config.mode.value)
+    registry.register(DatabaseCollector(config.database))
     return runtime
 
 

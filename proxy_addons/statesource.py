@@ -110,6 +110,10 @@ class RoomStateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def policies(self) -> list[RoomPolicy]:
+        """The cached rooms' policies (a copy: read from the metrics thread at scrape)."""
+        return [e.policy for e in list(self._entries.values()) if e.policy is not None]
+
     def mark_stale(self, room_id: str) -> None:
         entry = self._entries.get(room_id)
         if entry is not None:

@@ -157,6 +157,11 @@ class FindingStore:
         for record in records:
             self._queue.put(record)
 
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet committed."""
+        return self._pending
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything recorded so far is committed."""
         with self._flushed:

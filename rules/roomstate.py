@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rules.acl import ServerAcl
+from rules.canonical import encode_canonical_json
 from rules.roomversion import RoomVersion, get_room_version, room_version_of_create
 
 __all__ = [
@@ -98,6 +99,7 @@ class RoomPolicy:
     power: PowerLevels = field(default_factory=PowerLevels)
     joined: frozenset[str] = frozenset()
     space_children: tuple[str, ...] = ()  # m.space.child state keys whose content has `via`
+    acl_bytes: int = 0  # the ACL content's canonical JSON size (an event is capped at 64 KiB)
 
     @property
     def participation_enforced(self) -> bool:
@@ -110,6 +112,7 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
     version_id = "1"
     acl: ServerAcl | None = None
     acl_event_id: str | None = None
+    acl_bytes = 0
     participation: dict[str, str] = {}
     knock_rule: str | None = None
     power_content: object = None
@@ -153,6 +156,10 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
                 creators.update(u for u in extra if isinstance(u, str))
         elif event_type == "m.room.server_acl":
             acl = ServerAcl.from_content(content)
+            try:
+                acl_bytes = len(encode_canonical_json(content))
+            except (ValueError, TypeError, RecursionError):
+                acl_bytes = 0
             eid = event.get("event_id")
             acl_event_id = eid if isinstance(eid, str) else None
         elif event_type == "m.room.power_levels":
@@ -174,4 +181,5 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
         PowerLevels.from_content(power_content, room_creators),
         frozenset(joined),
         tuple(children),
+        acl_bytes,
     )

@@ -1,0 +1,185 @@
+"""The metric catalogue: what a scrape shows after real addon traffic, the leak and
+per-server counters, what is read from SQLite at scrape time, and that README's catalogue
+names exactly what modgud exports. Room state from a static table (a test double);
+tests/e2e/test_prometheus.py has a real Prometheus scrape a live modgud."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy_addons.metrics import DatabaseCollector
+from proxy_addons.store import KnockRecord
+from tests.proxy_addons.conftest import (
+    ROOM,
+    StaticStateSource,
+    pdu,
+    policy,
+    run_edge,
+    send_flow,
+)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def scrape(holder) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(holder.runtime.metrics.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def exported_names(holder) -> set[str]:
+    text = generate_latest(holder.runtime.metrics.registry).decode()
+    return {f.name for f in text_string_to_metric_families(text)}
+
+
+async def test_traffic_shows_in_requests_pdus_findings_leaks_and_timings(make_runtime):
+    holder = make_runtime(mode="enforce")
+    await run_edge(
+        holder, send_flow("good.test", [pdu("@a:good.test"), pdu("@b:good.test", body="x")])
+    )
+    await run_edge(holder, send_flow("relay.test", [pdu("@evil:denied.test")], txn_id="t2"))
+    samples = scrape(holder)
+    assert (
+        value(
+            samples,
+            "modgud_requests_total",
+            direction="inbound",
+            endpoint="send",
+            outcome="forwarded",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "modgud_requests_total",
+            direction="inbound",
+            endpoint="send",
+            outcome="refused",
+        )
+        == 1
+    )
+    assert (
+        value(samples, "modgud_pdus_total", direction="inbound", action="allowed", rule="none") == 2
+    )
+    assert (
+        value(
+            samples, "modgud_pdus_total", direction="inbound", action="rejected", rule="acl.sender"
+        )
+        == 1
+    )
+    leaks = {
+        dict(k[1])["confidence"]: v for k, v in samples.items() if k[0] == "modgud_leaks_total"
+    }
+    assert sum(leaks.values()) == 1 and set(leaks) <= {"low", "medium", "high"}
+    assert value(samples, "modgud_transaction_seconds_count", direction="inbound") == 2
+    assert value(samples, "modgud_pdu_seconds_count", direction="inbound") == 2
+    assert value(samples, "modgud_state_fetches_total", outcome="ok") == 1
+    assert value(samples, "modgud_cache_entries", cache="rooms") == 1
+    assert (
+        value(
+            samples,
+            "modgud_build_info",
+            version=_version(samples),
+            mitmproxy=_label(samples, "mitmproxy"),
+            python=_label(samples, "python"),
+            mode="enforce",
+        )
+        == 1
+    )
+    assert value(samples, "process_resident_memory_bytes") > 0
+    # No server name appears as a label unless the operator listed it.
+    assert not [k for k in samples if k[0].startswith("modgud_server_")]
+
+
+def _label(samples, name):
+    (info,) = [dict(k[1]) for k in samples if k[0] == "modgud_build_info"]
+    return info[name]
+
+
+def _version(samples):
+    return _label(samples, "version")
+
+
+async def test_listed_servers_get_their_own_labels_and_no_other(make_runtime):
+    holder = make_runtime(extra="metrics: {servers: [relay.test]}\n")
+    await run_edge(holder, send_flow("relay.test", [pdu("@evil:denied.test")]))
+    await run_edge(holder, send_flow("good.test", [pdu("@a:good.test")], txn_id="t2"))
+    samples = scrape(holder)
+    assert (
+        value(samples, "modgud_server_findings_total", server="relay.test", rule="acl.sender") == 1
+    )
+    assert (
+        value(samples, "modgud_server_requests_total", server="relay.test", outcome="refused") == 1
+    )
+    servers = {dict(k[1]).get("server") for k in samples if k[0].startswith("modgud_server_")}
+    assert servers == {"relay.test"}
+
+
+async def test_acl_size_and_rooms_that_allow_nobody(make_runtime):
+    big = policy(deny=tuple(f"bad{i}.example.org" for i in range(2000)))
+    source = StaticStateSource({ROOM: big, "!nobody:hs.test": policy("!nobody:hs.test", allow=())})
+    holder = make_runtime(source=source)
+    await holder.runtime.state.get_many({ROOM, "!nobody:hs.test"}, 1)
+    samples = scrape(holder)
+    assert value(samples, "modgud_rooms_acl_allow_empty") == 1
+    # policy() builds the ACL from content, not from state: the size comes from state.
+    from rules.roomstate import room_policy_from_state
+
+    content = {"allow": ["*"], "deny": [f"bad{i}.example.org" for i in range(3000)]}
+    state = [
+        {"type": "m.room.create", "state_key": "", "content": {"room_version": "10"}},
+        {"type": "m.room.server_acl", "state_key": "", "content": content},
+    ]
+    source.rooms["!big:hs.test"] = room_policy_from_state("!big:hs.test", state)
+    await holder.runtime.state.get("!big:hs.test", 1)
+    size = value(scrape(holder), "modgud_acl_largest_bytes")
+    assert 60_000 < size < 65_536, size
+
+
+def test_knocks_pending_and_the_oldest_wait_are_read_from_sqlite(make_runtime):
+    holder = make_runtime()
+    runtime = holder.runtime
+    now = time.time()
+    runtime.store.record(
+        [
+            KnockRecord(now - 7200, ROOM, "a.test"),
+            KnockRecord(now - 60, ROOM, "b.test"),
+        ]
+    )
+    assert runtime.store.flush(5)
+    samples = scrape(holder)
+    assert value(samples, "modgud_knocks_pending") == 2
+    assert 7100 < value(samples, "modgud_knock_oldest_pending_seconds") < 7400
+    assert value(samples, "modgud_database_bytes") > 0
+    # A database that cannot be read gives the size only, never a failed scrape.
+    broken = list(DatabaseCollector("/nonexistent/modgud.db").collect())
+    assert [f.name for f in broken] == ["modgud_database_bytes"]
+
+
+def test_readme_catalogue_names_exactly_what_modgud_exports(make_runtime):
+    """Every modgud_ metric in README's catalogue is exported, and every exported one is
+    in the catalogue (so the dashboards' reference list stays true)."""
+    holder = make_runtime(extra="metrics: {servers: [relay.test]}\n")
+    exported = {n for n in exported_names(holder) if n.startswith("modgud_")}
+    text = README.read_text()
+    section = text[text.index("## Metrics") :]
+    section = section[: section.index("\n## ", 4)]
+    documented = {
+        re.sub(r"_(total|bucket|sum|count|info)$", "", m)
+        for m in re.findall(r"`(modgud_[a-z_]*[a-z])`", section)
+    }
+    exported = {re.sub(r"_info$", "", n) for n in exported}
+    assert documented == exported, (documented - exported, exported - documented)
