@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from rules.eventhash import compute_event_id
 from rules.federation import Pdu, parse_json_body, parse_pdu, parse_transaction
 from rules.findings import Confidence, Finding, Rule, Severity
 from rules.policy import authorise_server
-from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
+from rules.roomstate import KNOCK_RULE_TYPES, PARTICIPATION_TYPES, RoomPolicy
 from rules.servername import strip_port
 from rules.xmatrix import parse_xmatrix, sign_request
 
@@ -58,7 +59,11 @@ PULLS: Mapping[str, tuple[str, ...]] = {
     "state": ("pdus", "auth_chain"),
     "send_join": ("state", "auth_chain"),
 }
-MAX_PULLED_EVENTS = 5000  # checked per answer; a /state answer of a big room is thousands
+MAX_PULLED_EVENTS = 5000
+# State that decides which servers may receive a room's events.
+_DESTINATION_STATE = frozenset(
+    {"m.room.server_acl"} | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
+)  # checked per answer; a /state answer of a big room is thousands
 
 
 def ensure_ca(ca_dir: str | Path) -> Path:
@@ -94,6 +99,7 @@ def destination_of(flow: http.HTTPFlow) -> str:
 class OutboundWatcher:
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
+        self._reread: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is None and is_outbound(flow, self.holder.runtime):
@@ -135,10 +141,16 @@ class OutboundWatcher:
             return "forwarded", 0  # our own homeserver's body: nothing modgud should judge
         rooms_needed = rooms_of_transaction(txn)
         for pdu in txn.pdus:
-            # The homeserver sends an event once it has stored it: a change of the room's
-            # ACL or participation going out is already in force, so read it now.
-            if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
-                runtime.state.mark_stale(pdu.room_id)
+            # The homeserver sends an event once it has stored it: a change of who may
+            # take part going out is already in force, so read the room again — once per
+            # event, not once per destination it goes to.
+            if pdu.event_type in _DESTINATION_STATE and pdu.state_key is not None:
+                key = (pdu.room_id, pdu.content_hash or "")
+                if key not in self._reread:
+                    self._reread[key] = None
+                    if len(self._reread) > 1000:
+                        self._reread.popitem(last=False)
+                    runtime.state.mark_stale(pdu.room_id)
         rooms = await runtime.state.get_many(rooms_needed, config.state_timeout_seconds)
         verdict = check_outbound(
             txn,
