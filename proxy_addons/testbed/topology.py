@@ -193,6 +193,7 @@ class Topology:
                     *self._outbound_config(),
                     f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
                     "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
+                    f"metrics: {{servers: ['{self.leaky.name}']}}",
                     f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
                     " refresh_seconds: 5}",
                     f"mode: {self.mode}",
