@@ -59,7 +59,8 @@ unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
 
 bench: venv synapse
-	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.run
+	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.matching; \
+	  MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.run
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) .pytest_cache .mypy_cache .ruff_cache

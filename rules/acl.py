@@ -41,50 +41,153 @@ def is_ip_literal_host(host: str) -> bool:
 
 
 class GlobSet:
-    """A set of globs matched at a cost independent of its size for the common shapes.
+    """A set of globs matched at a cost that does not grow with the number of globs.
 
-    Exact names go in a hash set, `*suffix` and `prefix*` globs in sets probed with every
-    suffix/prefix of the name; only general globs are scanned one by one.
+    - exact names: one hash lookup; `*` alone: everything;
+    - `*.suffix` globs: a hash set probed at each dot of the name; other `*suffix` and
+      `prefix*` globs: hash sets probed with the name's suffixes / prefixes of the lengths
+      present in the set;
+    - every other glob is filed under one key that any name it matches must contain: a
+      three-character run of one of its literal pieces, its literal start, or its literal
+      end — whichever the fewest globs of the set share, so that common runs like `.ne`
+      do not collect them all. A name probes its own runs, prefixes and suffixes, and only the globs filed under what it contains are matched one by
+      one. Globs with none of these (`*a*`, `?*`) are scanned; there are few, and each
+      costs O(len(name) * len(pattern)) at worst (see rules.glob).
     """
 
-    __slots__ = ("_exact", "_general", "_prefixes", "_suffixes", "size")
+    __slots__ = (
+        "_any",
+        "_dot_suffixes",
+        "_ends",
+        "_end_lengths",
+        "_exact",
+        "_prefix_lengths",
+        "_prefixes",
+        "_scanned",
+        "_starts",
+        "_start_lengths",
+        "_suffix_lengths",
+        "_suffixes",
+        "_trigram_keys",
+        "_trigrams",
+        "size",
+    )
 
     def __init__(self, patterns: Iterable[object]) -> None:
+        self._any = False
         self._exact: set[str] = set()
+        self._dot_suffixes: set[str] = set()
         self._suffixes: set[str] = set()
         self._prefixes: set[str] = set()
-        self._general: list[Glob] = []
+        self._trigrams: dict[str, list[Glob]] = {}
+        self._starts: dict[str, list[Glob]] = {}
+        self._ends: dict[str, list[Glob]] = {}
+        self._scanned: list[Glob] = []
         self.size = 0
+        general: list[tuple[Glob, list[tuple[str, str]]]] = []
         for pattern in patterns:
             if not isinstance(pattern, str):
                 continue
             self.size += 1
             glob = compile_glob(pattern)
             segs = glob.segments
+            simple = len(segs) == 2 and "?" not in glob.pattern
             if glob.is_literal:
                 self._exact.add(glob.pattern)
-            elif "?" in glob.pattern or len(segs) > 2:
-                self._general.append(glob)
-            elif segs[0] == "":  # "*suffix" (also "*", suffix "")
-                self._suffixes.add(segs[1])
-            elif segs[1] == "":  # "prefix*"
+            elif simple and segs == ("", ""):
+                self._any = True
+            elif simple and segs[0] == "":
+                suffix = segs[1]
+                (self._dot_suffixes if suffix.startswith(".") else self._suffixes).add(suffix)
+            elif simple and segs[1] == "":
                 self._prefixes.add(segs[0])
             else:
-                self._general.append(glob)
+                general.append((glob, _keys(glob)))
+        # File each general glob under its least shared key.
+        shared: dict[tuple[str, str], int] = {}
+        for _, keys in general:
+            for k in keys:
+                shared[k] = shared.get(k, 0) + 1
+        for glob, keys in general:
+            if not keys:
+                self._scanned.append(glob)
+                continue
+            kind, literal = min(keys, key=lambda k: (shared[k], -len(k[1])))
+            table = {"t": self._trigrams, "s": self._starts, "e": self._ends}[kind]
+            table.setdefault(literal, []).append(glob)
+        self._trigram_keys = frozenset(self._trigrams)
+        self._suffix_lengths = _lengths(self._suffixes)
+        self._prefix_lengths = _lengths(self._prefixes)
+        self._start_lengths = _lengths(self._starts)
+        self._end_lengths = _lengths(self._ends)
 
     def matches(self, name: str) -> bool:
         """Whether any glob matches `name` (which the caller has lower-cased)."""
-        if name in self._exact:
+        if self._any or name in self._exact:
             return True
-        if self._suffixes:
-            for i in range(len(name) + 1):
-                if name[i:] in self._suffixes:
+        n = len(name)
+        if self._dot_suffixes:
+            dot = name.find(".")
+            while dot != -1:
+                if name[dot:] in self._dot_suffixes:
                     return True
-        if self._prefixes:
-            for i in range(len(name) + 1):
-                if name[:i] in self._prefixes:
-                    return True
-        return any(glob.matches(name) for glob in self._general)
+                dot = name.find(".", dot + 1)
+        for length in self._suffix_lengths:
+            if length > n:
+                break
+            if name[n - length :] in self._suffixes:
+                return True
+        for length in self._prefix_lengths:
+            if length > n:
+                break
+            if name[:length] in self._prefixes:
+                return True
+        keys = self._trigram_keys
+        if keys:
+            if len(keys) < 40:  # few: look for each in the name (C substring search)
+                for run in keys:
+                    if run in name and any(g.matches(name) for g in self._trigrams[run]):
+                        return True
+            else:  # many: look up each of the name's own runs
+                get = self._trigrams.get
+                for i in range(n - 2):
+                    bucket = get(name[i : i + 3])
+                    if bucket is not None and any(g.matches(name) for g in bucket):
+                        return True
+        for length in self._start_lengths:
+            if length > n:
+                break
+            bucket = self._starts.get(name[:length])
+            if bucket is not None and any(g.matches(name) for g in bucket):
+                return True
+        for length in self._end_lengths:
+            if length > n:
+                break
+            bucket = self._ends.get(name[n - length :])
+            if bucket is not None and any(g.matches(name) for g in bucket):
+                return True
+        return any(g.matches(name) for g in self._scanned)
+
+
+def _keys(glob: Glob) -> list[tuple[str, str]]:
+    """What any name the glob matches contains: its literal runs of three, its literal
+    start, its literal end."""
+    keys = [
+        ("t", piece[i : i + 3])
+        for seg in glob.segments
+        for piece in seg.split("?")
+        for i in range(len(piece) - 2)
+    ]
+    first, last = glob.segments[0].split("?")[0], glob.segments[-1].split("?")[-1]
+    if first:
+        keys.append(("s", first))
+    if last:
+        keys.append(("e", last))
+    return keys
+
+
+def _lengths(keys: Iterable[str]) -> tuple[int, ...]:
+    return tuple(sorted({len(k) for k in keys}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +197,10 @@ class AclDecision:
 
 
 _NO_ACL = AclDecision(True, "no server ACL in the room")
+_IP_LITERAL = AclDecision(False, "IP literals are not allowed by the room's server ACL")
+_DENIED = AclDecision(False, "server is denied by the room's server ACL")
+_ALLOWED = AclDecision(True, "server is allowed by the room's server ACL")
+_NOT_ALLOWED = AclDecision(False, "server is not in the room's server ACL allow list")
 
 
 class ServerAcl:
@@ -142,12 +249,12 @@ class ServerAcl:
     def _decide(self, server_name: str) -> AclDecision:
         host = strip_port(server_name).lower()
         if not self.allow_ip_literals and is_ip_literal_host(host):
-            return AclDecision(False, "IP literals are not allowed by the room's server ACL")
+            return _IP_LITERAL
         if self._deny.matches(host):
-            return AclDecision(False, "server is denied by the room's server ACL")
+            return _DENIED
         if self._allow.matches(host):
-            return AclDecision(True, "server is allowed by the room's server ACL")
-        return AclDecision(False, "server is not in the room's server ACL allow list")
+            return _ALLOWED
+        return _NOT_ALLOWED
 
 
 def check_server_acl(acl: ServerAcl | None, server_name: str) -> AclDecision:

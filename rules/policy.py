@@ -59,13 +59,19 @@ class BanList:
     """The m.ban rules of the subscribed policy rooms, compiled: matching costs the same
     with 10 or 100,000 entries for exact names and `*.suffix` globs (see GlobSet)."""
 
-    __slots__ = ("_servers", "_users", "servers", "users")
+    __slots__ = ("_decided", "_servers", "_users", "servers", "users")
+
+    # Decisions are remembered per server name, like the ACL's: the federation a
+    # homeserver sees is a few thousand servers, and a new one costs tens of microseconds
+    # against 100,000 entries (docs/BENCHMARKS.md), a known one a dict lookup.
+    CACHE_SIZE = 8192
 
     def __init__(self, servers: Iterable[str] = (), users: Iterable[str] = ()) -> None:
         self.servers = tuple(servers)
         self.users = tuple(users)
         self._servers = GlobSet(e.lower() for e in self.servers)
         self._users = GlobSet(e.lower() for e in self.users)
+        self._decided: dict[str, bool] = {}
 
     @classmethod
     def from_state(cls, events: Iterable[object]) -> BanList:
@@ -94,7 +100,13 @@ class BanList:
         return self._servers.size + self._users.size
 
     def bans_server(self, server_name: str) -> bool:
-        return self._servers.matches(strip_port(server_name).lower())
+        banned = self._decided.get(server_name)
+        if banned is None:
+            if len(self._decided) >= self.CACHE_SIZE:
+                self._decided.clear()
+            banned = self._servers.matches(strip_port(server_name).lower())
+            self._decided[server_name] = banned
+        return banned
 
     def bans_user(self, user_id: str) -> bool:
         return self._users.matches(user_id.lower())

@@ -62,3 +62,56 @@ async def test_unknown_room_is_asked_again_soon():
     clock.now += 2
     assert await cache.get(ROOM, 1.0) is not None
     assert source.fetches == 2
+
+
+class PerRoomSlowSource(StaticStateSource):
+    """One room's state takes long to fetch (the homeserver struggling with a big room)."""
+
+    def __init__(self, rooms, slow_room, delay):
+        super().__init__(rooms)
+        self.slow_room, self.delay = slow_room, delay
+
+    async def fetch(self, room_id):
+        if room_id == self.slow_room:
+            await asyncio.sleep(self.delay)
+        return await super().fetch(room_id)
+
+
+async def test_a_slow_cold_room_does_not_hold_up_other_rooms():
+    """While one room's state is being fetched, lookups of other rooms — cached or cold —
+    are answered at once: fetching never blocks the event loop."""
+    import time
+
+    other = "!other:hs.test"
+    source = PerRoomSlowSource({ROOM: policy(), other: policy(other)}, ROOM, 0.5)
+    cache = RoomStateCache(source)
+    slow = asyncio.ensure_future(cache.get(ROOM, 2.0))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert await cache.get(other, 2.0) is not None  # cold, fetched meanwhile
+    assert await cache.get(other, 2.0) is not None  # cached
+    assert time.monotonic() - started < 0.2
+    assert not slow.done()
+    assert await slow is not None
+    assert source.fetches == 2
+
+
+async def test_concurrent_transactions_for_a_cold_room_cost_one_state_request(make_runtime):
+    """At the edge: ten transactions for the same cold room arrive together; the homeserver
+    is asked for the room's state once."""
+    from mitmproxy.test import taddons
+
+    from proxy_addons.enforcer import Enforcer
+    from tests.proxy_addons.conftest import pdu, send_flow
+
+    source = SlowSource({ROOM: policy()})
+    holder = make_runtime(source=source)
+    enforcer = Enforcer(holder)
+    flows = [
+        send_flow("good.test", [pdu("@a:good.test", body=str(i))], txn_id=f"t{i}")
+        for i in range(10)
+    ]
+    with taddons.context(enforcer):
+        await asyncio.gather(*(enforcer.request(f) for f in flows))
+    assert source.fetches == 1
+    assert all(f.response is None for f in flows)  # all forwarded

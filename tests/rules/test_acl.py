@@ -4,6 +4,8 @@
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rules.acl import GlobSet, ServerAcl, check_server_acl
 from rules.glob import compile_glob
@@ -168,3 +170,24 @@ def test_globset_buckets_agree_with_plain_matching():
         glob = compile_glob(pattern)
         for name in names:
             assert one.matches(name) is glob.matches(name), (pattern, name)
+
+
+@given(
+    st.lists(st.text(alphabet="ab.c?*", max_size=8), max_size=30),
+    st.lists(st.text(alphabet="abc.", max_size=10), min_size=1, max_size=10),
+    st.sampled_from(["", "a", "ba.", "cab"]),
+    st.booleans(),
+)
+@settings(max_examples=500, deadline=None)
+def test_globset_indexes_agree_with_scanning_every_glob(patterns, names, filler, many):
+    """However globs are filed (exact, suffix, prefix, three-character runs, anchored ends,
+    scanned), a GlobSet matches a name exactly when one of its globs does. Names include
+    each pattern with its wildcards filled in, so that most globs have names they match,
+    at either end and in the middle."""
+    if many:  # enough three-character runs for the other way of probing them
+        patterns = patterns + [f"*z{i:02d}q*" for i in range(60)]
+    globs = [compile_glob(p) for p in patterns]
+    index = GlobSet(patterns)
+    filled = [p.replace("*", filler).replace("?", "c") for p in patterns]
+    for name in names + filled + ["x" + f for f in filled] + [f + "x" for f in filled]:
+        assert index.matches(name) is any(g.matches(name) for g in globs), (patterns, name)
