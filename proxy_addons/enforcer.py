@@ -9,8 +9,10 @@ origin are answered 403 M_FORBIDDEN.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 from mitmproxy import http
@@ -29,6 +31,7 @@ from proxy_addons.recording import count_items, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from proxy_addons.store import KnockRecord
 from proxy_addons.verdicts import EdgeVerdict
+from rules.canonical import encode_canonical_json
 from rules.checks import (
     ItemVerdict,
     StateUnavailable,
@@ -43,7 +46,13 @@ from rules.checks import (
 from rules.federation import Transaction, parse_json_body, parse_transaction
 from rules.findings import Confidence, Finding, Rule, Severity
 from rules.roomstate import KNOCK_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
-from rules.signatures import required_signers, verify_event_signatures
+from rules.roomversion import RoomVersion
+from rules.signatures import (
+    SignatureCheck,
+    required_signers,
+    signing_bytes,
+    verify_event_signatures,
+)
 from rules.xmatrix import verify_request_signature
 
 __all__ = ["Enforcer"]
@@ -372,14 +381,7 @@ class Enforcer:
             if not isinstance(policy, RoomPolicy) or policy.room_version is None:
                 checked.append(item)
                 continue
-            signatures = pdu.event.get("signatures")
-            for server in required_signers(pdu.event, policy.room_version):
-                key_ids = signatures.get(server) if isinstance(signatures, dict) else None
-                if isinstance(key_ids, dict):
-                    for key_id in list(key_ids)[:4]:
-                        if isinstance(key_id, str) and key_id.startswith("ed25519:"):
-                            await runtime.keys.ensure(server, key_id)
-            result = verify_event_signatures(pdu.event, policy.room_version, runtime.keys.lookup)
+            result = await _verify_signatures(runtime, pdu.event, policy.room_version)
             checked.append(with_signature_check(item, pdu, txn.origin or "", result))
         others = [item for item in verdict.pdus if item.position < 0]
         return TransactionVerdict(tuple(checked + others), verdict.edus, verdict.findings)
@@ -497,6 +499,38 @@ def _unavailable_findings(verdict: TransactionVerdict) -> list[Finding]:
 
 def _state_missing(verdict: TransactionVerdict) -> bool:
     return bool(_unavailable_findings(verdict))
+
+
+async def _verify_signatures(
+    runtime: Runtime, event: Mapping[str, object], room_version: RoomVersion
+) -> SignatureCheck:
+    """An event's signature check, from the cache when the same event with the same
+    signatures was checked before (relayed, or delivered again); keys fetched as needed."""
+    signed = signing_bytes(event, room_version)
+    signatures = event.get("signatures")
+    key: tuple[bytes, bytes] | None = None
+    if signed is not None and isinstance(signatures, dict):
+        try:
+            key = (hashlib.sha256(signed).digest(), encode_canonical_json(signatures))
+        except (ValueError, TypeError, RecursionError):
+            key = None
+        cached = runtime.signatures.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        for server in required_signers(event, room_version):
+            key_ids = signatures.get(server)
+            if isinstance(key_ids, dict):
+                for key_id in list(key_ids)[:4]:
+                    if (
+                        isinstance(key_id, str)
+                        and key_id.startswith("ed25519:")
+                        and runtime.keys.lookup(server, key_id) is None
+                    ):
+                        await runtime.keys.ensure(server, key_id)
+    result = verify_event_signatures(event, room_version, runtime.keys.lookup, signed=signed)
+    if key is not None:
+        runtime.signatures.put(key, result)
+    return result
 
 
 def _reason(item: ItemVerdict) -> str:

@@ -17,7 +17,7 @@ from proxy_addons.metrics import DatabaseCollector, Metrics
 from proxy_addons.operatorpolicy import OperatorPolicySource
 from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
 from proxy_addons.store import FindingStore
-from proxy_addons.verdicts import VerdictCache
+from proxy_addons.verdicts import SignatureCache, VerdictCache
 
 __all__ = ["Runtime", "RuntimeHolder", "build_runtime"]
 
@@ -39,6 +39,7 @@ class Runtime:
     verdicts: VerdictCache
     policy: OperatorPolicySource
     refused: RefusedEvents = field(default_factory=RefusedEvents)
+    signatures: SignatureCache = field(default_factory=SignatureCache)
     index: EventIndex | None = None
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
 
@@ -103,6 +104,7 @@ def build_runtime(
         {
             "rooms": lambda: len(runtime.state),
             "verdicts": lambda: len(runtime.verdicts),
+            "signatures": lambda: len(runtime.signatures),
             "keys": lambda: len(runtime.keys),
             "refused_events": lambda: len(runtime.refused),
             "index_seen": lambda: len(index),

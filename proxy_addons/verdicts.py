@@ -6,8 +6,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from rules.findings import Decision, Finding
+from rules.signatures import SignatureCheck
 
-__all__ = ["EdgeVerdict", "VerdictCache"]
+__all__ = ["EdgeVerdict", "SignatureCache", "VerdictCache"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +41,31 @@ class VerdictCache:
 
     def get(self, event_id: str) -> EdgeVerdict | None:
         return self._entries.get(event_id)
+
+
+class SignatureCache:
+    """Signature checks by what they covered: the digest of the signed bytes (the event's
+    reference hash, so its event ID) and the signatures themselves. An event relayed or
+    delivered again is not verified again. Only definite answers are kept: a check that
+    lacked keys is not."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[bytes, bytes], SignatureCheck] = OrderedDict()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[bytes, bytes]) -> SignatureCheck | None:
+        check = self._entries.get(key)
+        if check is not None:
+            self.hits += 1
+        return check
+
+    def put(self, key: tuple[bytes, bytes], check: SignatureCheck) -> None:
+        if check.missing_keys:
+            return
+        self._entries[key] = check
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
