@@ -58,9 +58,11 @@ typecheck: venv
 unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
 
+## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline.
 bench: venv synapse
-	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.matching; \
-	  MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.run
+	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
+	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
+	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,10 +70,16 @@ class EventIndex:
     def __init__(self, record: Any, max_seen: int = 200_000) -> None:
         self._record = record  # FindingStore.record
         self.max_seen = max_seen
-        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # Deliveries already recorded, as hashes of (room, content hash, origin) — an int
+        # per delivery, not a tuple of three strings (a collision, about 1 in 10^13 here,
+        # skips one row). Two generations of sets, the older dropped whole when the newer
+        # is full: between max_seen/2 and max_seen of the latest deliveries, and memory
+        # that stays put (evicting one by one from a set leaves it resizing forever).
+        self._current: set[int] = set()
+        self._previous: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._current) + len(self._previous)
 
     def see(
         self,
@@ -88,15 +93,18 @@ class EventIndex:
         """Queue the PDUs not yet recorded as delivered by `origin`; returns how many."""
         now = time.time()
         rows: list[tuple[object, ...]] = []
-        seen = self._seen
+        current, half = self._current, max(1, self.max_seen // 2)
         for pdu in pdus:
             content_hash = pdu.content_hash
             if content_hash is None:
                 continue
-            key = (pdu.room_id, content_hash, origin)
-            if key in seen:
+            key = hash((pdu.room_id, content_hash, origin))
+            if key in current or key in self._previous:
                 continue
-            seen[key] = None
+            current.add(key)
+            if len(current) >= half:
+                self._previous, self._current = current, set()
+                current = self._current
             event_id = event_ids.get(pdu.position) if event_ids else None
             rows.append(
                 (
@@ -112,9 +120,6 @@ class EventIndex:
                     now,
                 )
             )
-        if len(seen) > self.max_seen:
-            for _ in range(len(seen) - self.max_seen):
-                seen.popitem(last=False)
         if rows:
             self._record([IndexBatch(rows)])
         return len(rows)
