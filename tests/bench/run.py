@@ -332,7 +332,7 @@ async def main() -> int:
                 stop = asyncio.Event()
                 hooked = (
                     asyncio.ensure_future(hook_load(hook_port, stop))
-                    if hook_port is not None and kind == "modgud"
+                    if hook_port is not None and kind == "modgud" and HOOK_RATE > 0
                     else None
                 )
                 rounds.setdefault(kind, []).append(await load(port, txns, proc.pid))
