@@ -58,11 +58,12 @@ typecheck: venv
 unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
 
-## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline.
-bench: venv synapse
+## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline,
+## a real Synapse behind modgud against behind nginx.
+bench: venv synapse deps
 	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
-	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run
+	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.synapse
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) .pytest_cache .mypy_cache .ruff_cache

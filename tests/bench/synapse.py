@@ -1,0 +1,224 @@
+"""The /send round trip to a real Synapse through modgud (edge + event hook) against the
+same through an nginx TLS reverse proxy ([performance] target 7):
+`python -m tests.bench.synapse` (part of `make bench`; needs the Synapse virtualenv and
+nginx).
+
+One Synapse (plain HTTP on loopback), one room, a peer server of the test federation
+joined to it. Three paths, alternated (BENCH_CYCLES times each, Synapse restarted between):
+nginx (Debian's package) terminating TLS in front of Synapse, which has no event hook; and
+modgud in front of the same Synapse, running with modgud's event hook
+(synapse-http-antispam), signatures verified; and, to show where the time goes, modgud's
+edge alone (Synapse without the hook). On each path a keep-alive client
+(one TLS connection) sends /send transactions of 1 and of 50 new, chained, signed PDUs,
+one at a time, and times each round trip; the medians are compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from proxy_addons.testbed.homeserver import ClientApi, SynapseHomeserver, free_port
+from proxy_addons.testbed.nginx import Nginx
+from proxy_addons.testbed.peer import FederationPeer, PeerServer
+from proxy_addons.testbed.topology import _wait_port
+from rules.xmatrix import sign_request
+
+ROUNDS = {1: int(os.environ.get("BENCH_SMALL", "30")), 50: int(os.environ.get("BENCH_LARGE", "8"))}
+CYCLES = int(os.environ.get("BENCH_CYCLES", "2"))
+
+
+async def round_trips(
+    peer: FederationPeer, server: PeerServer, room_id: str, destination: str, address: str
+) -> dict[int, list[float]]:
+    user = server.user("bench")
+    out: dict[int, list[float]] = {}
+    connector = aiohttp.TCPConnector(ssl=False, limit=1)  # one keep-alive TLS connection
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for size, count in ROUNDS.items():
+            times = []
+            for i in range(count + 3):  # the first three warm up
+                pdus = [
+                    peer.build_event(
+                        room_id,
+                        server,
+                        user,
+                        "m.room.message",
+                        {"msgtype": "m.text", "body": f"{size}-{i}-{n} " + "x" * 200},
+                    )[1]
+                    for n in range(size)
+                ]
+                path = f"/_matrix/federation/v1/send/b{secrets.token_hex(6)}"
+                content = {
+                    "origin": server.name,
+                    "origin_server_ts": int(time.time() * 1000),
+                    "pdus": pdus,
+                    "edus": [],
+                }
+                auth = sign_request(
+                    "PUT", path, server.name, destination, content, server.signing_key
+                )
+                body = json.dumps(content).encode()
+                started = time.perf_counter()
+                async with session.put(
+                    f"https://{address}{path}",
+                    data=body,
+                    headers={"Authorization": auth, "Content-Type": "application/json"},
+                ) as r:
+                    answer = await r.json(content_type=None)
+                elapsed = time.perf_counter() - started
+                if r.status != 200 or any(v for v in answer.get("pdus", {}).values()):
+                    raise RuntimeError(f"{address}: {r.status} {str(answer)[:300]}")
+                if i >= 3:
+                    times.append(elapsed)
+            out[size] = times
+    return out
+
+
+def start_modgud(
+    workdir: Path, hs: SynapseHomeserver, peer: FederationPeer, token: str
+) -> tuple[subprocess.Popen[bytes], int, int, int]:
+    port, hook_port, metrics_port = free_port(), free_port(), free_port()
+    (workdir / "admin.token").write_text(token)
+    (workdir / "hook.token").write_text("bench-hook")
+    keys = peer.trusted_key_server
+    (workdir / "modgud.yaml").write_text(
+        "\n".join(
+            [
+                f"server_name: '{hs.server_name}'",
+                f"upstream: {hs.base_url}",
+                f"listen: {{inbound: '127.0.0.1:{port}', metrics: '127.0.0.1:{metrics_port}'}}",
+                f"hook: {{listen: '127.0.0.1:{hook_port}', token_file: hook.token}}",
+                "homeserver: {access_token_file: admin.token}",
+                "verify_signatures: true",
+                "database: modgud.db",
+                "trusted_key_servers:",
+                f"  - server_name: '{keys['server_name']}'",
+                f"    verify_keys: {json.dumps(keys['verify_keys'])}",
+                f"    url: https://{keys['server_name']}",
+                "    verify_tls: false",
+                "",
+            ]
+        )
+    )
+    modgud = Path(sys.executable).with_name("modgud")
+    log = open(workdir / "modgud.log", "wb")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen(
+        [str(modgud), "run", "--config", str(workdir / "modgud.yaml"), "--", "-q"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    if not (_wait_port(port, 30) and _wait_port(hook_port, 30)):
+        raise RuntimeError("modgud did not start")
+    return proc, port, hook_port, metrics_port
+
+
+def hook_time(metrics_port: int) -> tuple[float, float]:
+    """modgud's own mean answer time for check_event_for_spam, and the number of calls."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("callback") != "check_event_for_spam":
+                continue
+            if sample.name == "modgud_hook_seconds_sum":
+                total = sample.value
+            elif sample.name == "modgud_hook_seconds_count":
+                count = sample.value
+    return (total / count if count else 0.0), count
+
+
+def main() -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="modgud-bench-synapse-"))
+    peer = FederationPeer(workdir / "peer", free_port())
+    server = peer.add_server()
+    peer.start()
+    hs = SynapseHomeserver(
+        workdir / "hs",
+        f"localhost:{free_port()}",
+        http_port=free_port(),
+        extra_config={"trusted_key_servers": [peer.trusted_key_server]},
+    )
+    nginx = Nginx(workdir / "nginx", free_port(), hs.base_url)
+    modgud = None
+    results: dict[str, dict[int, list[float]]] = {
+        path: {1: [], 50: []} for path in ("nginx", "edge", "modgud")
+    }
+    try:
+        hs.start()
+        _, token = hs.register_user("alice", admin=True)
+        alice = ClientApi(hs.base_url, token)
+        room_id = alice.create_room(room_version="10")
+        nginx.start()
+        via_nginx = f"127.0.0.1:{nginx.port}"
+        peer.join(server, server.user("bench"), room_id, hs.server_name, via_nginx)
+        modgud, port, hook_port, metrics_port = start_modgud(workdir, hs, peer, token)
+        hook = {
+            "module": "synapse_http_antispam.HTTPAntispam",
+            "config": {
+                "base_url": f"http://127.0.0.1:{hook_port}",
+                "authorization": "bench-hook",
+                "enabled_callbacks": ["check_event_for_spam", "user_may_invite"],
+                "fail_open": {"check_event_for_spam": False},
+            },
+        }
+        # Alternate, so that neither path always meets the bigger room or the later minute.
+        for cycle in range(CYCLES):
+            # "edge": modgud in front, Synapse without the hook (where the time goes).
+            for path in ("nginx", "edge", "modgud"):
+                hs.stop()
+                hs.modules = [hook] if path == "modgud" else []
+                hs.start()
+                address = via_nginx if path == "nginx" else f"127.0.0.1:{port}"
+                got = asyncio.run(round_trips(peer, server, room_id, hs.server_name, address))
+                for size, times in got.items():
+                    results[path][size].extend(times)
+                print(
+                    f"  cycle {cycle + 1} {path:>6}: "
+                    + ", ".join(
+                        f"{n} PDU {statistics.median(t) * 1000:.1f} ms" for n, t in got.items()
+                    ),
+                    flush=True,
+                )
+        mean_hook, hook_calls = hook_time(metrics_port)
+    finally:
+        if modgud is not None:
+            modgud.terminate()
+            modgud.wait(15)
+        nginx.stop()
+        hs.stop()
+        peer.stop()
+    print(
+        f"(Synapse called the hook {hook_calls:.0f} times; modgud answered each in "
+        f"{mean_hook * 1000:.2f} ms on average, the rest of the hook's cost is Synapse's call)"
+    )
+    print("The /send round trip to a real Synapse, keep-alive TLS, medians")
+    print(f"{'PDUs':>5} {'nginx ms':>9} {'edge only':>10} {'edge+hook':>10} {'ratio':>6}  target")
+    for size, limit in ((1, 1.25), (50, 1.10)):
+        a, e, b = (statistics.median(results[p][size]) for p in ("nginx", "edge", "modgud"))
+        verdict = "met" if b / a <= limit else "NOT met"
+        print(
+            f"{size:>5} {a * 1000:>9.1f} {e * 1000:>10.1f} {b * 1000:>10.1f} {b / a:>6.2f}  "
+            f"<= {limit:.2f}: {verdict}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
