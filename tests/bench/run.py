@@ -128,6 +128,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def put_transaction(
+    session: aiohttp.ClientSession, port: int, txn: tuple[str, bytes, str]
+) -> float:
+    """PUT one /send through the proxy on `port`; its round trip in seconds."""
+    path, body, auth = txn
+    t0 = time.perf_counter()
+    async with session.put(
+        f"http://127.0.0.1:{port}{path}",
+        data=body,
+        headers={"Authorization": auth, "Content-Type": "application/json"},
+    ) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"status {r.status}")
+    return time.perf_counter() - t0
+
+
 async def load(port: int, txns: list[tuple[str, bytes, str]], pid: int | None = None) -> Run:
     latencies: list[float] = []
     deadline = time.monotonic() + DURATION
@@ -138,18 +155,9 @@ async def load(port: int, txns: list[tuple[str, bytes, str]], pid: int | None = 
         async def worker() -> None:
             nonlocal counter
             while time.monotonic() < deadline:
-                path, body, auth = txns[counter % len(txns)]
+                txn = txns[counter % len(txns)]
                 counter += 1
-                t0 = time.perf_counter()
-                async with session.put(
-                    f"http://127.0.0.1:{port}{path}",
-                    data=body,
-                    headers={"Authorization": auth, "Content-Type": "application/json"},
-                ) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"status {r.status}")
-                latencies.append(time.perf_counter() - t0)
+                latencies.append(await put_transaction(session, port, txn))
 
         cpu0 = cpu_seconds(pid) if pid else 0.0
         started = time.monotonic()
@@ -221,15 +229,7 @@ async def load_at_rate(port: int, txns: list[tuple[str, bytes, str]], rate: floa
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> None:
-            path, body, auth = txns[i % len(txns)]
-            t0 = time.perf_counter()
-            async with session.put(
-                f"http://127.0.0.1:{port}{path}",
-                data=body,
-                headers={"Authorization": auth, "Content-Type": "application/json"},
-            ) as r:
-                await r.read()
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(await put_transaction(session, port, txns[i % len(txns)]))
 
         started = time.monotonic()
         tasks = []
