@@ -35,17 +35,23 @@ from mitmproxy.proxy.mode_specs import RegularMode
 
 from proxy_addons.endpoints import EndpointClass, classify_path
 from proxy_addons.eventindex import lookup_events
-from proxy_addons.flowinfo import json_response, request_body
+from proxy_addons.flowinfo import json_response, request_auth, request_body
 from proxy_addons.recording import count_items, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
-from rules.checks import ItemVerdict, TransactionVerdict, check_outbound, rooms_of_transaction
-from rules.eventhash import compute_event_id
+from rules.checks import (
+    ItemVerdict,
+    TransactionVerdict,
+    check_outbound,
+    event_id_of,
+    pdu_finding,
+    rooms_of_transaction,
+)
 from rules.federation import Pdu, parse_json_body, parse_pdu, parse_transaction
-from rules.findings import Confidence, Finding, Rule, Severity
+from rules.findings import Confidence, Rule, Severity
 from rules.policy import authorise_server
 from rules.roomstate import KNOCK_RULE_TYPES, PARTICIPATION_TYPES, RoomPolicy
 from rules.servername import strip_port
-from rules.xmatrix import parse_xmatrix, sign_request
+from rules.xmatrix import sign_request
 
 __all__ = ["OutboundWatcher", "ensure_ca", "is_outbound", "is_proxied"]
 
@@ -88,10 +94,9 @@ def is_proxied(flow: http.HTTPFlow) -> bool:
 
 def destination_of(flow: http.HTTPFlow) -> str:
     """The server a request is for: the X-Matrix destination, else the proxied host."""
-    for value in flow.request.headers.get_all("authorization"):
-        auth = parse_xmatrix(value)
-        if auth is not None and auth.destination:
-            return auth.destination
+    auth = request_auth(flow)
+    if auth is not None and auth.destination:
+        return auth.destination
     host = flow.request.pretty_host
     return host if flow.request.port == 8448 else f"{host}:{flow.request.port}"
 
@@ -268,7 +273,7 @@ class OutboundWatcher:
                 continue
             refusal = authorise_server(pdu.sender_server, room, policy)
             if refusal is not None:
-                refused.append((pdu, refusal.reason, _event_id(pdu, room)))
+                refused.append((pdu, refusal.reason, event_id_of(pdu, room)))
         if not refused:
             return
         first = await self._first_deliverers(runtime, refused)
@@ -281,16 +286,13 @@ class OutboundWatcher:
                 else "; no earlier delivery known"
             )
             findings.append(
-                Finding(
+                pdu_finding(
+                    pdu,
                     Rule.LEAK_PULLED,
                     Severity.WARNING,
                     f"{responder} served, in answer to our {name}, an event written by "
                     f"{pdu.sender_server} ({why}){earliest}",
-                    room_id=pdu.room_id,
                     event_id=event_id,
-                    event_type=pdu.event_type,
-                    sender=pdu.sender,
-                    sender_server=pdu.sender_server,
                     origin=responder,
                     attributed_to=responder,
                     confidence=Confidence.LOW,
@@ -326,15 +328,6 @@ class OutboundWatcher:
         except ValueError as e:
             logger.warning("event index unreadable: %s", e)
             return {}
-
-
-def _event_id(pdu: Pdu, room: RoomPolicy) -> str | None:
-    if room.room_version is None:
-        return None
-    try:
-        return compute_event_id(pdu.event, room.room_version)
-    except (ValueError, TypeError, RecursionError):
-        return None
 
 
 def _answer_pdus(name: str, answer: dict[str, Any], responder: str) -> list[Pdu]:

@@ -37,6 +37,8 @@ __all__ = [
     "event_references",
     "is_legitimate_relay",
     "check_request_origin",
+    "event_id_of",
+    "pdu_finding",
     "check_transaction",
     "rooms_of_transaction",
     "with_signature_check",
@@ -169,16 +171,24 @@ def check_outbound(
             refusal = authorise_server(destination, room, policy) if room is not None else None
             if refusal is None:
                 continue
+            detail = f"{local_server} sends {what} to {destination}: {refusal.reason}"
             findings.append(
-                Finding(
+                pdu_finding(
+                    pdu,
                     Rule.LEAK_OUTBOUND,
                     Severity.HIGH,
-                    f"{local_server} sends {what} to {destination}: {refusal.reason}",
+                    detail,
+                    event_id=event_id_of(pdu, room) if room is not None else None,
+                    origin=local_server,
+                    attributed_to=local_server,
+                )
+                if pdu is not None
+                else Finding(
+                    Rule.LEAK_OUTBOUND,
+                    Severity.HIGH,
+                    detail,
                     room_id=room_id,
-                    event_id=_event_id(pdu, room) if pdu is not None and room is not None else None,
-                    event_type=pdu.event_type if pdu is not None else what,
-                    sender=pdu.sender if pdu is not None else None,
-                    sender_server=pdu.sender_server if pdu is not None else None,
+                    event_type=what,
                     origin=local_server,
                     attributed_to=local_server,
                 )
@@ -220,13 +230,41 @@ def _unavailable(
     return ItemVerdict(index, decision, (finding,), event_id, room_id)
 
 
-def _event_id(pdu: Pdu, policy: RoomPolicy) -> str | None:
+def event_id_of(pdu: Pdu, policy: RoomPolicy) -> str | None:
+    """The PDU's event ID under its room's version; None when it cannot be computed."""
     if policy.room_version is None:
         return None
     try:
         return compute_event_id(pdu.event, policy.room_version)
     except (ValueError, TypeError, RecursionError):
         return None
+
+
+def pdu_finding(
+    pdu: Pdu,
+    rule: Rule,
+    severity: Severity,
+    detail: str,
+    *,
+    event_id: str | None,
+    origin: str | None,
+    attributed_to: str | None,
+    confidence: Confidence = Confidence.HIGH,
+) -> Finding:
+    """A finding about one PDU: its room, type, sender and the sender's server filled in."""
+    return Finding(
+        rule,
+        severity,
+        detail,
+        room_id=pdu.room_id,
+        event_id=event_id,
+        event_type=pdu.event_type,
+        sender=pdu.sender,
+        sender_server=pdu.sender_server,
+        origin=origin,
+        attributed_to=attributed_to,
+        confidence=confidence,
+    )
 
 
 _ORIGIN_RULES = {
@@ -420,7 +458,7 @@ def check_pdu(
     if not refusals:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
-    event_id = _event_id(pdu, room)
+    event_id = event_id_of(pdu, room)
 
     def finding(
         rule: Rule,
@@ -429,15 +467,12 @@ def check_pdu(
         confidence: Confidence,
         attributed_to: str | None = origin,
     ) -> Finding:
-        return Finding(
+        return pdu_finding(
+            pdu,
             rule,
             severity,
             detail,
-            room_id=pdu.room_id,
             event_id=event_id,
-            event_type=pdu.event_type,
-            sender=pdu.sender,
-            sender_server=pdu.sender_server,
             origin=origin,
             attributed_to=attributed_to,
             confidence=confidence,
@@ -732,15 +767,12 @@ def with_signature_check(
         return item._replace(findings=findings)
     if check.missing_keys:
         return item
-    finding = Finding(
+    finding = pdu_finding(
+        pdu,
         Rule.BAD_EVENT_SIGNATURE,
         Severity.HIGH,
         f"event signature does not verify: {check.reason or 'invalid'}",
-        room_id=pdu.room_id,
         event_id=item.event_id,
-        event_type=pdu.event_type,
-        sender=pdu.sender,
-        sender_server=pdu.sender_server,
         origin=origin,
         attributed_to=origin,
         confidence=Confidence.MEDIUM,
