@@ -43,6 +43,7 @@ from rules.checks import (
     rooms_of_transaction,
     with_signature_check,
 )
+from rules.eventhash import event_id_from_reference_hash
 from rules.federation import Transaction, parse_json_body, parse_transaction
 from rules.findings import Confidence, Finding, Rule, Severity
 from rules.roomstate import KNOCK_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
@@ -224,6 +225,16 @@ class Enforcer:
             return True
         key = await runtime.keys.ensure(auth.origin, auth.key_id)
         if key is None:
+            if config.enforcing and not config.fail_open:
+                # on_error: closed. Nothing unverified passes; the sender retries later.
+                logger.warning(
+                    "no key %s for %s; request refused for now (on_error: closed)",
+                    auth.key_id,
+                    auth.origin,
+                )
+                _retry_later(flow, "the origin's signing key is unavailable")
+                state.answered_locally = True
+                return False
             # Unverifiable: proceed without blaming anyone beyond what the request claims.
             runtime.metrics.fail_open.labels("request_key").inc()
             logger.warning(
@@ -294,8 +305,9 @@ class Enforcer:
         verdict = check_transaction(
             txn, rooms, fail_open=config.fail_open, policy=policy, refused=runtime.refused.rooms
         )
+        unverified = 0
         if config.verify_signatures:
-            verdict = await self._check_signatures(runtime, txn, rooms, verdict)
+            verdict, unverified = await self._check_signatures(runtime, txn, rooms, verdict)
         verdict = apply_actions_to_transaction(verdict, policy)
         for item in verdict.pdus:
             if item.findings:
@@ -310,9 +322,16 @@ class Enforcer:
             event_ids = {i.position: i.event_id for i in verdict.pdus if i.event_id}
             runtime.index.see(txn.pdus, origin, event_ids=event_ids)
         for item in verdict.pdus:
-            if item.event_id is None or any(
-                f.rule is Rule.STATE_UNAVAILABLE for f in item.findings
-            ):
+            if item.event_id is None:
+                continue
+            if not item.findings:
+                # Only when the room's state is not changing under it: the hook answers
+                # from this while that state and the policy are still the ones in force.
+                room = rooms.get(item.room_id or "")
+                if isinstance(room, RoomPolicy) and item.room_id not in state.stale_rooms:
+                    runtime.verdicts.put_allowed(item.event_id, room, policy)
+                continue
+            if any(f.rule is Rule.STATE_UNAVAILABLE for f in item.findings):
                 continue
             reason = "; ".join(f.detail for f in item.findings) or "allowed"
             runtime.verdicts.put(
@@ -324,6 +343,19 @@ class Enforcer:
 
         count_items(runtime.metrics.pdus, "inbound", verdict.pdus, action_of)
         count_items(runtime.metrics.edus, "inbound", verdict.edus, action_of)
+        if unverified:
+            # Whatever on_error says: the policy checks ran, and the homeserver verifies
+            # every event's signatures itself (it drops what it cannot verify). Refusing
+            # the transaction instead would wedge the origin's whole stream on one event
+            # whose signer's keys are gone for good.
+            runtime.metrics.fail_open.labels("event_key").inc(unverified)
+            logger.warning(
+                "transaction %s from %s: %d PDUs passed with signatures unchecked by modgud "
+                "(keys unavailable)",
+                txn_id,
+                origin,
+                unverified,
+            )
         if config.enforcing and not config.fail_open and _state_missing(verdict):
             # on_error: closed, and a room's state could not be had: nothing unverified
             # passes, and a 5xx makes the sender retry the transaction later.
@@ -370,21 +402,33 @@ class Enforcer:
         txn: Transaction,
         rooms: dict[str, RoomPolicy | None | StateUnavailable],
         verdict: TransactionVerdict,
-    ) -> TransactionVerdict:
+    ) -> tuple[TransactionVerdict, int]:
         """Verify each PDU's signatures (spec: Server-Server API, "Checks performed on
-        receipt of a PDU"); a bad one is refused, a verified author raises confidence."""
+        receipt of a PDU"); a bad one is refused, a verified author raises confidence.
+        Also returns how many PDUs could not be checked for want of keys."""
         by_index = {item.position: item for item in verdict.pdus}
         checked: list[ItemVerdict] = []
+        unverified = 0
         for pdu in txn.pdus:
             item = by_index[pdu.position]
             policy = rooms.get(pdu.room_id)
             if not isinstance(policy, RoomPolicy) or policy.room_version is None:
                 checked.append(item)
                 continue
-            result = await _verify_signatures(runtime, pdu.event, policy.room_version)
+            result, digest = await _verify_signatures(runtime, pdu.event, policy.room_version)
+            if item.event_id is None and digest is not None:
+                # The signatures sign what the reference hash hashes: the event ID is free.
+                item = item._replace(
+                    event_id=event_id_from_reference_hash(digest, pdu.event, policy.room_version)
+                )
+            if result.missing_keys and not item.refused:
+                unverified += 1
             checked.append(with_signature_check(item, pdu, txn.origin or "", result))
         others = [item for item in verdict.pdus if item.position < 0]
-        return TransactionVerdict(tuple(checked + others), verdict.edus, verdict.findings)
+        return (
+            TransactionVerdict(tuple(checked + others), verdict.edus, verdict.findings),
+            unverified,
+        )
 
     async def _check_room_data(
         self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState
@@ -503,20 +547,22 @@ def _state_missing(verdict: TransactionVerdict) -> bool:
 
 async def _verify_signatures(
     runtime: Runtime, event: Mapping[str, object], room_version: RoomVersion
-) -> SignatureCheck:
-    """An event's signature check, from the cache when the same event with the same
-    signatures was checked before (relayed, or delivered again); keys fetched as needed."""
+) -> tuple[SignatureCheck, bytes | None]:
+    """An event's signature check and its reference hash (None if it has none). The check
+    comes from the cache when the same event with the same signatures was checked before
+    (relayed, or delivered again); keys are fetched as needed."""
     signed = signing_bytes(event, room_version)
+    digest = hashlib.sha256(signed).digest() if signed is not None else None
     signatures = event.get("signatures")
     key: tuple[bytes, bytes] | None = None
-    if signed is not None and isinstance(signatures, dict):
+    if digest is not None and isinstance(signatures, dict):
         try:
-            key = (hashlib.sha256(signed).digest(), encode_canonical_json(signatures))
+            key = (digest, encode_canonical_json(signatures))
         except (ValueError, TypeError, RecursionError):
             key = None
         cached = runtime.signatures.get(key) if key is not None else None
         if cached is not None:
-            return cached
+            return cached, digest
         for server in required_signers(event, room_version):
             key_ids = signatures.get(server)
             if isinstance(key_ids, dict):
@@ -530,7 +576,7 @@ async def _verify_signatures(
     result = verify_event_signatures(event, room_version, runtime.keys.lookup, signed=signed)
     if key is not None:
         runtime.signatures.put(key, result)
-    return result
+    return result, digest
 
 
 def _reason(item: ItemVerdict) -> str:

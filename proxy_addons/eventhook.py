@@ -5,16 +5,23 @@ synapse-http-antispam (a Synapse module) POSTs spam-checker callbacks as JSON to
 `check_event_for_spam` (`{"event": {...client format..., "event_id"}}`) any 2xx answer
 allows the event; 403 with `{"errcode": "M_FORBIDDEN", "error": ...}` refuses it, and the
 homeserver then redacts and soft-fails it. The hook answers from the edge's verdict for
-that event ID, or — for events the edge never saw, such as ones the homeserver pulled
+that event ID (an allow only while the room's state and the policy it was decided under
+are still in force), or — for events the edge never saw or decided under other state, such as ones the homeserver pulled
 through /get_missing_events, /backfill or send_join — evaluates the event itself, waiting
 at most `state.hook_timeout_seconds` for room state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hmac
 import logging
+import sys
+import threading
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -25,9 +32,11 @@ from rules.findings import Decision
 from rules.roomstate import RELEVANT_STATE_TYPES
 from rules.servername import server_of_user
 
-__all__ = ["EventHook", "make_app"]
+__all__ = ["EventHook", "evaluate_event", "make_app", "quick_decision"]
 
 logger = logging.getLogger(__name__)
+
+HOOK_SWITCH_INTERVAL = 0.0005
 
 
 def _allow() -> web.Response:
@@ -55,26 +64,53 @@ def _refuse(reason: str) -> web.Response:
     return web.json_response({"errcode": "M_FORBIDDEN", "error": reason}, status=403)
 
 
-async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str]:
-    """Decide one check_event_for_spam call; returns the answer and what decided it."""
-    config = runtime.config
-    event_id = event.get("event_id")
+def note_state_change(
+    runtime: Runtime, event: dict[str, object], main_loop: asyncio.AbstractEventLoop | None
+) -> None:
+    """A state event that changes who may take part (a local ACL, a policy-list rule):
+    the room's cached state is stale from now on, before any later event is answered."""
     room_id = event.get("room_id")
-    if (
-        event.get("type") in RELEVANT_STATE_TYPES
-        and isinstance(event.get("state_key"), str)
-        and isinstance(room_id, str)
-    ):
-        runtime.mark_stale(room_id)
-    if isinstance(room_id, str) and runtime.policy.watches(room_id, event.get("type")):
-        runtime.policy.mark_stale()
+    if not isinstance(room_id, str):
+        return
+    if event.get("type") in RELEVANT_STATE_TYPES and isinstance(event.get("state_key"), str):
+        runtime.state.mark_stale(room_id)  # one attribute: safe from the hook's thread
+        _call_on(main_loop, runtime.mark_stale, room_id)  # and the refetches after it
+    if runtime.policy.watches(room_id, event.get("type")):
+        _call_on(main_loop, runtime.policy.mark_stale)
+
+
+def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str] | None:
+    """The answers that need no room state and no I/O — local events, the edge's verdict —
+    given on the hook's own thread; None when the event must be evaluated."""
+    config = runtime.config
     if server_of_user(event.get("sender")) == config.server_name:
         return _allow(), "local"
-    edge = runtime.verdicts.get(event_id) if isinstance(event_id, str) else None
+    event_id = event.get("event_id")
+    if not isinstance(event_id, str):
+        return None
+    edge = runtime.verdicts.get(event_id)
     if edge is not None:
         if edge.decision is Decision.REFUSE and config.enforcing:
             return _refuse(edge.reason), "edge"
         return _allow(), "edge"
+    room_id = event.get("room_id")
+    allowed = runtime.verdicts.allowed_under(event_id)
+    if (
+        allowed is not None
+        and isinstance(room_id, str)
+        and allowed[0] is runtime.state.peek(room_id)
+        and allowed[1] is runtime.policy.current
+    ):
+        return _allow(), "edge"
+    return None
+
+
+async def evaluate_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str]:
+    """Judge an event the edge did not decide (pulled by the homeserver, or decided under
+    other state), waiting at most `state.hook_timeout_seconds` for the room's state. Runs
+    on modgud's main loop, where room state and the store live."""
+    config = runtime.config
+    room_id = event.get("room_id")
     policy = (
         await runtime.state.get(room_id, config.hook_state_timeout_seconds)
         if isinstance(room_id, str)
@@ -101,7 +137,49 @@ async def decide_event(runtime: Runtime, event: dict[str, object]) -> tuple[web.
     return _allow(), "hook"
 
 
-def make_app(holder: RuntimeHolder) -> web.Application:
+def _call_on(
+    loop: asyncio.AbstractEventLoop | None, callback: Callable[..., object], *args: object
+) -> None:
+    if loop is None:
+        callback(*args)
+    else:
+        loop.call_soon_threadsafe(callback, *args)
+
+
+async def _on_main[T](loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on modgud's main loop, from the hook's thread (or right here in tests,
+    where the hook shares the loop)."""
+    if loop is None or loop is asyncio.get_running_loop():
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+async def decide_invite(runtime: Runtime, inviter: str, invitee: str, room_id: str) -> web.Response:
+    """A local user invites someone: refused when the invitee's server may not take part
+    in the room (ACL, policy lists, participation)."""
+    config = runtime.config
+    room = await runtime.state.get(room_id, config.hook_state_timeout_seconds)
+    policy = runtime.policy.current
+    verdict = apply_actions(
+        check_invite(inviter, invitee, room, room_id, fail_open=config.fail_open, policy=policy),
+        policy,
+    )
+    refuse = verdict.refused and config.enforcing
+    if verdict.findings:
+        record_findings(
+            runtime, verdict.findings, action="dropped" if refuse else "flagged", endpoint="hook"
+        )
+    if refuse:
+        return _refuse("; ".join(f.detail for f in verdict.findings))
+    return _allow()
+
+
+def make_app(
+    holder: RuntimeHolder, main_loop: asyncio.AbstractEventLoop | None = None
+) -> web.Application:
+    """The hook's routes. `main_loop`: modgud's loop, when the app is served on a thread of
+    its own; the answers that need state or the store are computed there."""
+
     async def check_event_for_spam(request: web.Request) -> web.Response:
         runtime = holder.runtime
         if runtime is None:
@@ -123,7 +201,13 @@ def make_app(holder: RuntimeHolder) -> web.Application:
                 return web.json_response(
                     {"errcode": "M_BAD_JSON", "error": 'expected {"event": {...}}'}, status=400
                 )
-            answer, decided_by = await decide_event(runtime, event)
+            note_state_change(runtime, event, main_loop)
+            quick = quick_decision(runtime, event)
+            answer, decided_by = (
+                quick
+                if quick is not None
+                else await _on_main(main_loop, evaluate_event(runtime, event))
+            )
             return answer
         except Exception:
             logger.exception("internal error in the event hook")
@@ -146,8 +230,6 @@ def make_app(holder: RuntimeHolder) -> web.Application:
             runtime.metrics.hook_seconds.labels(callback).observe(time.perf_counter() - started)
 
     async def user_may_invite(request: web.Request) -> web.Response:
-        """A local user invites someone: refused when the invitee's server may not take
-        part in the room (ACL, policy lists, participation)."""
         runtime = holder.runtime
         if runtime is None or not _authorized(runtime, request):
             return _allow() if runtime is None else _unauthorized()
@@ -158,25 +240,7 @@ def make_app(holder: RuntimeHolder) -> web.Application:
             inviter, invitee, room_id = (body.get(k) for k in ("inviter", "invitee", "room_id"))
             if not all(isinstance(v, str) for v in (inviter, invitee, room_id)):
                 return web.json_response({"errcode": "M_BAD_JSON", "error": "bad body"}, status=400)
-            config = runtime.config
-            room = await runtime.state.get(room_id, config.hook_state_timeout_seconds)
-            policy = runtime.policy.current
-            verdict = apply_actions(
-                check_invite(
-                    inviter, invitee, room, room_id, fail_open=config.fail_open, policy=policy
-                ),
-                policy,
-            )
-            refuse = verdict.refused and config.enforcing
-            if verdict.findings:
-                record_findings(
-                    runtime,
-                    verdict.findings,
-                    action="dropped" if refuse else "flagged",
-                    endpoint="hook",
-                )
-            if refuse:
-                answer = _refuse("; ".join(f.detail for f in verdict.findings))
+            answer = await _on_main(main_loop, decide_invite(runtime, inviter, invitee, room_id))
             return answer
         except Exception:
             logger.exception("internal error in the invite hook")
@@ -217,24 +281,61 @@ def make_app(holder: RuntimeHolder) -> web.Application:
 
 
 class EventHook:
-    """Serves the hook on `hook.listen` (127.0.0.1 by default) while mitmproxy runs."""
+    """Serves the hook on `hook.listen` (127.0.0.1 by default) while mitmproxy runs, on a
+    thread and event loop of its own: the homeserver calls the hook once per event, one
+    after another, so its answers must not queue behind a flood of /send transactions on
+    mitmproxy's loop. Answers that need room state or the store run on the main loop."""
 
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
 
     async def running(self) -> None:
         runtime = self.holder.runtime
-        if runtime is None or runtime.config.hook is None or self._runner is not None:
+        if runtime is None or runtime.config.hook is None or self._thread is not None:
             return
         listen = runtime.config.hook
-        self._runner = web.AppRunner(make_app(self.holder), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, listen.host, listen.port)
-        await site.start()
+        main_loop = asyncio.get_running_loop()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # A thread waiting for the GIL gets it after at most this long (default 5 ms).
+        sys.setswitchinterval(HOOK_SWITCH_INTERVAL)
+        self._thread = threading.Thread(
+            target=self._serve, args=(main_loop, ready), name="modgud-hook", daemon=True
+        )
+        self._thread.start()
+        await asyncio.wrap_future(ready)
         logger.info("event hook listening on http://%s", listen)
 
+    def _serve(
+        self, main_loop: asyncio.AbstractEventLoop, ready: concurrent.futures.Future[None]
+    ) -> None:
+        runtime = self.holder.runtime
+        assert runtime is not None and runtime.config.hook is not None
+        listen = runtime.config.hook
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            runner = web.AppRunner(make_app(self.holder, main_loop), access_log=None)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, listen.host, listen.port).start())
+            self._runner = runner
+        except BaseException as e:  # e.g. the port is taken: running() raises it
+            ready.set_exception(e)
+            loop.close()
+            return
+        ready.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
     async def done(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 10)
+        self._thread = self._loop = self._runner = None

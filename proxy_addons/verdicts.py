@@ -20,12 +20,36 @@ class EdgeVerdict:
 
 
 class VerdictCache:
-    def __init__(self, max_entries: int = 200_000) -> None:
+    """Verdicts with findings (refusals above all) in one LRU; plain allows apart, in two
+    generations of dicts, so the stream of allowed events — most of all traffic — can never
+    push a refusal out before the homeserver asks about it.
+
+    A plain allow is remembered with the room's state and the operator's policy it was
+    decided under (the very objects): the hook may answer from it only while both are still
+    the ones in force, so an ACL change in between is never answered from the old state.
+    """
+
+    def __init__(self, max_entries: int = 200_000, max_allowed: int = 100_000) -> None:
         self.max_entries = max_entries
+        self.max_allowed = max_allowed
         self._entries: OrderedDict[str, EdgeVerdict] = OrderedDict()
+        self._allowed: dict[str, tuple[object, object]] = {}
+        self._allowed_before: dict[str, tuple[object, object]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._allowed) + len(self._allowed_before)
+
+    def put_allowed(self, event_id: str, room_state: object, policy: object) -> None:
+        """Remember that the edge allowed `event_id`, without findings, under `room_state`
+        and `policy`."""
+        self._allowed[event_id] = (room_state, policy)
+        if len(self._allowed) >= max(1, self.max_allowed // 2):
+            self._allowed_before, self._allowed = self._allowed, {}
+
+    def allowed_under(self, event_id: str) -> tuple[object, object] | None:
+        """The (room state, policy) the edge allowed `event_id` under, if it did."""
+        found = self._allowed.get(event_id)
+        return found if found is not None else self._allowed_before.get(event_id)
 
     def put(self, event_id: str, verdict: EdgeVerdict) -> None:
         """Remember a verdict; a refusal is never overwritten by a later allow (a permitted

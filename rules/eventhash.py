@@ -22,6 +22,7 @@ __all__ = [
     "compute_room_id_v12",
     "decode_unpadded_base64",
     "encode_unpadded_base64",
+    "event_id_from_reference_hash",
 ]
 
 # Besides unsigned, signatures and hashes (the spec's list), Synapse also drops these
@@ -69,7 +70,19 @@ def compute_event_id(event: Mapping[str, object], room_version: RoomVersion) -> 
     if room_version.event_format is EventFormat.V1:
         event_id = event.get("event_id")
         return event_id if isinstance(event_id, str) else None
-    digest = compute_reference_hash(event, room_version)
+    return event_id_from_reference_hash(
+        compute_reference_hash(event, room_version), event, room_version
+    )
+
+
+def event_id_from_reference_hash(
+    digest: bytes, event: Mapping[str, object], room_version: RoomVersion
+) -> str | None:
+    """The event ID, given the event's reference hash (already at hand when its
+    signatures were verified: they sign the same bytes)."""
+    if room_version.event_format is EventFormat.V1:
+        event_id = event.get("event_id")
+        return event_id if isinstance(event_id, str) else None
     return "$" + encode_unpadded_base64(
         digest, urlsafe=room_version.event_format is not EventFormat.V2
     )

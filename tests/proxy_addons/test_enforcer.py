@@ -284,3 +284,58 @@ async def test_flows_modgud_looked_at_can_still_be_saved(make_runtime, tmp_path)
         tctx.configure(save, save_stream_file=str(tmp_path / "capture.flows"))
         save.response(flow)
     assert (tmp_path / "capture.flows").stat().st_size > 0
+
+
+def _signed(event, server="good.test"):
+    from rules.roomversion import get_room_version
+    from rules.signatures import sign_event
+
+    return sign_event(event, get_room_version("10"), server, KEYS[server])
+
+
+async def test_origin_key_unavailable_open_counts_closed_asks_to_retry(make_runtime):
+    """The origin's signing key cannot be had (key servers down): on_error open lets the
+    request through unauthenticated and counts it (`request_key`); closed answers 503 so
+    the sender resends once the key can be fetched. Key fetching is a stub that always
+    fails (no key server can run inside a unit test)."""
+    for on_error, status in (("open", None), ("closed", 503)):
+        holder = make_runtime(on_error=on_error, verify_signatures=True)
+
+        async def unreachable(server, key_id):
+            return None
+
+        holder.runtime.keys.ensure = unreachable
+        flow = send_flow("good.test", [_signed(pdu("@a:good.test"))])
+        await run(holder, flow)
+        assert (flow.response.status_code if flow.response else None) == status
+        counted = holder.runtime.metrics.registry.get_sample_value(
+            "modgud_fail_open_total", {"where": "request_key"}
+        )
+        assert counted == (1 if on_error == "open" else None)
+
+
+async def test_event_keys_unavailable_pass_on_policy_and_are_counted(make_runtime):
+    """The request is authenticated but a relayed PDU's author's keys cannot be had: the
+    policy checks still decide (a denied author is refused), the rest passes — the
+    homeserver verifies event signatures itself — and each unchecked PDU is counted."""
+    from tests.proxy_addons.test_signature_cache import _trust
+
+    holder = make_runtime(on_error="closed", verify_signatures=True)
+    _trust(holder.runtime, "relay.test")
+    real_ensure = holder.runtime.keys.ensure
+
+    async def only_known(server, key_id):
+        return await real_ensure(server, key_id) if server == "relay.test" else None
+
+    holder.runtime.keys.ensure = only_known
+    flow = send_flow(
+        "relay.test", [_signed(pdu("@a:good.test")), _signed(pdu("@b:good.test", body="2"))]
+    )
+    await run(holder, flow)
+    assert flow.response is None  # forwarded
+    assert (
+        holder.runtime.metrics.registry.get_sample_value(
+            "modgud_fail_open_total", {"where": "event_key"}
+        )
+        == 2
+    )

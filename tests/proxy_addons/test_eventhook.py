@@ -3,13 +3,18 @@ protocol: 2xx allows, 403 JSON refuses."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy_addons.eventhook import make_app
 from proxy_addons.store import query_findings
 from proxy_addons.verdicts import EdgeVerdict
+from rules.eventhash import compute_event_id
 from rules.findings import Decision
-from tests.proxy_addons.conftest import ROOM, StaticStateSource
+from rules.roomversion import get_room_version
+from rules.signatures import sign_event
+from tests.proxy_addons.conftest import ROOM, StaticStateSource, policy, recorded_findings
 
 
 def client_event(sender, event_id="$e1", room_id=ROOM, **extra):
@@ -145,3 +150,105 @@ async def test_federated_invite_is_judged_as_an_event_and_counted_as_such(make_r
         {"callback": "federated_user_may_invite", "answer": "refuse", "decided_by": "hook"},
     )
     assert sample == 1
+
+
+def _decided_by(holder, decided_by, answer="allow"):
+    return holder.runtime.metrics.registry.get_sample_value(
+        "modgud_hook_calls_total",
+        {"callback": "check_event_for_spam", "answer": answer, "decided_by": decided_by},
+    )
+
+
+async def test_edge_allow_answers_the_hook_only_under_the_same_state(make_runtime):
+    """With signatures verified, every PDU the edge allowed is remembered by its event ID
+    (free from the signing bytes) and the hook answers from it without re-checking; once
+    the room's state changed (here: its ACL now denies the sender) the hook re-checks."""
+    from tests.proxy_addons.conftest import KEYS, pdu, run_edge, send_flow
+    from tests.proxy_addons.test_signature_cache import _trust
+
+    source = StaticStateSource({ROOM: policy()})
+    holder = make_runtime(verify_signatures=True, source=source)
+    _trust(holder.runtime, "good.test")
+    version = get_room_version("10")
+    event = sign_event(pdu("@a:good.test", body="fine"), version, "good.test", KEYS["good.test"])
+    flow = await run_edge(holder, send_flow("good.test", [event]))
+    assert flow.response is None  # forwarded
+    event_id = compute_event_id(event, version)
+    call = client_event("@a:good.test", event_id)
+    assert await post(holder, call) == (200, {})
+    assert _decided_by(holder, "edge") == 1
+    source.rooms[ROOM] = policy(deny=("good.test",))
+    holder.runtime.mark_stale(ROOM)
+    status, body = await post(holder, call)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    assert _decided_by(holder, "hook", "refuse") == 1
+
+
+async def test_edge_allow_not_remembered_when_the_transaction_changes_the_room(make_runtime):
+    """A transaction carrying the room's own ACL event: its other PDUs were judged on the
+    state before it, so the hook re-checks them."""
+    from tests.proxy_addons.conftest import KEYS, pdu, run_edge, send_flow
+    from tests.proxy_addons.test_signature_cache import _trust
+
+    holder = make_runtime(verify_signatures=True)
+    _trust(holder.runtime, "good.test")
+    version = get_room_version("10")
+    acl = pdu("@a:good.test", body="acl", event_type="m.room.server_acl")
+    acl["state_key"] = ""
+    message = pdu("@a:good.test", body="after")
+    signed = [sign_event(e, version, "good.test", KEYS["good.test"]) for e in (acl, message)]
+    await run_edge(holder, send_flow("good.test", signed))
+    assert holder.runtime.verdicts.allowed_under(compute_event_id(signed[1], version)) is None
+    assert (await post(holder, client_event("@a:good.test", "$x")))[0] == 200
+    assert _decided_by(holder, "hook") == 1
+
+
+def _post_sync(port, body):
+    """A blocking POST from another thread, as Synapse's module would make it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/check_event_for_spam",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def test_hook_answers_on_its_own_thread_while_the_main_loop_is_busy(make_runtime):
+    """The hook is served on a thread of its own: a local event is answered while modgud's
+    main loop is blocked (here: by this test, joining the caller's thread), and an event
+    that needs room state is evaluated on the main loop once it is free again."""
+    import threading
+
+    from proxy_addons.eventhook import EventHook
+    from proxy_addons.testbed.homeserver import free_port
+
+    port = free_port()
+    holder = make_runtime(extra=f"hook: {{listen: '127.0.0.1:{port}'}}\n")
+    hook = EventHook(holder)
+    await hook.running()
+    try:
+        answers = []
+        caller = threading.Thread(
+            target=lambda: answers.append(_post_sync(port, client_event("@me:hs.test")))
+        )
+        caller.start()
+        caller.join(15)  # blocks this (the main) loop until the call was answered
+        assert answers == [200]
+        pulled = client_event("@evil:denied.test", "$pulled")
+        assert await asyncio.to_thread(_post_sync, port, pulled) == 403
+        assert [r["rule"] for r in recorded_findings(holder)] == ["acl.sender"]
+    finally:
+        await hook.done()
+    # Stopped cleanly: the port is free for the next start.
+    again = EventHook(holder)
+    await again.running()
+    await again.done()
