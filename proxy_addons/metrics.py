@@ -15,6 +15,7 @@ import platform
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,10 +27,10 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["DatabaseCollector", "Metrics", "LEAK_KINDS"]
+__all__ = ["DatabaseCollector", "LEAK_KINDS", "Metrics", "StoreCollector"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,35 @@ class Metrics:
     def watch_caches(self, sizes: Mapping[str, Callable[[], float]]) -> None:
         for cache, size in sizes.items():
             self.cache_entries.labels(cache).set_function(size)
+
+
+class StoreCollector:
+    """The SQLite writer's trouble, read from it at scrape: failed write attempts (each
+    retried until it succeeds) and records dropped because too many were held unwritten."""
+
+    def __init__(self, store: StoreCounts) -> None:
+        self.store = store
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "modgud_store_write_failures",
+            "Failed SQLite write attempts (locked, disk full, I/O); the records are kept and "
+            "retried",
+            self.store.write_errors,
+        )
+        yield CounterMetricFamily(
+            "modgud_store_dropped",
+            "Records never written: refused while too many were held unwritten, or unwritable",
+            self.store.dropped,
+        )
+
+
+class StoreCounts(Protocol):
+    write_errors: int
+    dropped: int
 
 
 class DatabaseCollector(Collector):

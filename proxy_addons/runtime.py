@@ -13,7 +13,7 @@ from proxy_addons.config import Config
 from proxy_addons.eventindex import EventIndex
 from proxy_addons.keys import KeyCache
 from proxy_addons.leaks import RefusedEvents
-from proxy_addons.metrics import DatabaseCollector, Metrics
+from proxy_addons.metrics import DatabaseCollector, Metrics, StoreCollector
 from proxy_addons.operatorpolicy import OperatorPolicySource
 from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdminStateSource
 from proxy_addons.store import FindingStore
@@ -120,6 +120,7 @@ def build_runtime(
     metrics.store_queue.set_function(lambda: runtime.store.pending)
     metrics.set_build(config.mode.value)
     registry.register(DatabaseCollector(config.database))
+    registry.register(StoreCollector(runtime.store))
     return runtime
 
 

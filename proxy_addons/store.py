@@ -2,6 +2,12 @@
 
 The event loop never waits on the disk: `record()` only queues; the writer commits every
 `flush_interval` seconds or `batch_size` rows, and on `close()`.
+
+When the database cannot be written (locked by another process, disk full, I/O error),
+the writer keeps the records and retries with a growing pause (up to `retry_max_seconds`)
+until it can: findings are written after recovery, not dropped. Only beyond `max_pending`
+records held in memory are new records refused — event-index rows first, and every one
+counted (`dropped`) and logged.
 """
 
 from __future__ import annotations
@@ -103,8 +109,8 @@ KNOCK_COLUMNS = (
 )
 
 
-def open_database(path: str) -> sqlite_utils.Database:
-    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+def open_database(path: str, timeout: float = 30.0) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
     db = sqlite_utils.Database(conn)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
@@ -135,26 +141,60 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
     )
 
 
+Record = FindingRecord | KnockRecord | IndexBatch
+
+
+def _size(record: Record) -> int:
+    return len(record.rows) if isinstance(record, IndexBatch) else 1
+
+
 class FindingStore:
-    def __init__(self, path: str, *, batch_size: int = 2000, flush_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        batch_size: int = 2000,
+        flush_interval: float = 0.5,
+        max_pending: int = 500_000,
+        retry_max_seconds: float = 5.0,
+        busy_timeout: float = 5.0,
+    ) -> None:
         self.path = path
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue: queue.Queue[FindingRecord | KnockRecord | IndexBatch | None] = queue.Queue()
+        self.max_pending = max_pending
+        self.retry_max_seconds = retry_max_seconds
+        self.busy_timeout = busy_timeout
+        self._queue: queue.Queue[Record | None] = queue.Queue()
         self._flushed = threading.Condition()
         self._pending = 0
-        self.write_errors = 0
+        self.write_errors = 0  # failed write attempts (each retried)
+        self.dropped = 0  # records refused because max_pending were held already
+        self._stop = threading.Event()
         db = open_database(path)
         ensure_schema(db)
         db.conn.close()
         self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
         self._thread.start()
 
-    def record(self, records: Iterable[FindingRecord | KnockRecord | IndexBatch]) -> None:
-        records = list(records)
+    def record(self, records: Iterable[Record]) -> None:
+        accepted: list[Record] = []
         with self._flushed:
-            self._pending += len(records)
-        for record in records:
+            for record in records:
+                size = _size(record)
+                full = self._pending + size > self.max_pending
+                # Index rows yield first; findings and knocks get the whole margin.
+                if full and (isinstance(record, IndexBatch) or self._pending >= self.max_pending):
+                    self.dropped += size
+                    logger.error(
+                        "store: %d records held unwritten already; dropped a %s",
+                        self._pending,
+                        type(record).__name__,
+                    )
+                    continue
+                self._pending += size
+                accepted.append(record)
+        for record in accepted:
             self._queue.put(record)
 
     @property
@@ -167,16 +207,21 @@ class FindingStore:
         with self._flushed:
             return self._flushed.wait_for(lambda: self._pending == 0, timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued and stop; while the database stays unwritable, give up
+        after `timeout` (what was left is logged)."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(timeout=self.retry_max_seconds + self.busy_timeout + 1)
 
     def _run(self) -> None:
-        db = open_database(self.path)
+        db = open_database(self.path, timeout=self.busy_timeout)
         table = db.table("findings")
         stop = False
         while not stop:
-            batch: list[FindingRecord | KnockRecord | IndexBatch] = []
+            batch: list[Record] = []
             try:
                 item = self._queue.get(timeout=self.flush_interval)
             except queue.Empty:
@@ -194,16 +239,13 @@ class FindingStore:
                 self._write(db, table, batch)
         db.conn.close()
 
-    def _write(
-        self,
-        db: sqlite_utils.Database,
-        table: Any,
-        batch: list[FindingRecord | KnockRecord | IndexBatch],
-    ) -> None:
+    def _write(self, db: sqlite_utils.Database, table: Any, batch: list[Record]) -> None:
         findings = [r.as_row() for r in batch if isinstance(r, FindingRecord)]
         knocks = [r for r in batch if isinstance(r, KnockRecord)]
         index = [row for r in batch if isinstance(r, IndexBatch) for row in r.rows]
-        for attempt in range(5):
+        size = sum(_size(r) for r in batch)
+        attempt = 0
+        while True:
             try:
                 with db.conn:
                     if findings:
@@ -219,17 +261,29 @@ class FindingStore:
                             "policy_match = excluded.policy_match",
                             [k.room_id, k.server, k.ts, k.ts, k.policy_match],
                         )
+                if attempt:
+                    logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
-            except sqlite3.OperationalError as e:  # locked, disk full: retry, then count
-                logger.warning(
-                    "writing %d records failed (attempt %d): %s", len(batch), attempt + 1, e
+            except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError):
+                # Not the disk's fault: retrying would wedge the writer on this batch.
+                logger.exception("store: %d records cannot be written; dropped", size)
+                self.dropped += size
+                break
+            except sqlite3.Error as e:  # locked, disk full, I/O error: keep them, retry
+                attempt += 1
+                self.write_errors += 1
+                log = logger.error if attempt in (1, 10) or attempt % 100 == 0 else logger.debug
+                log(
+                    "store: writing %d records failed (attempt %d), will retry: %s",
+                    size,
+                    attempt,
+                    e,
                 )
-                threading.Event().wait(0.2 * (attempt + 1))
-        else:
-            self.write_errors += len(batch)
-            logger.error("dropped %d records after repeated write failures", len(batch))
+                if self._stop.wait(min(self.retry_max_seconds, 0.1 * 2**attempt)):
+                    logger.error("store: stopping with %d records unwritten: %s", size, e)
+                    break
         with self._flushed:
-            self._pending -= len(batch)
+            self._pending -= size
             self._flushed.notify_all()
 
 

@@ -1,6 +1,7 @@
 """The findings store: batched writes, WAL, queries across replicas."""
 
 import sqlite3
+from dataclasses import replace
 
 from proxy_addons.store import FindingRecord, FindingStore, query_findings
 
@@ -70,3 +71,95 @@ def test_sql_values_are_parameters(tmp_path):
     store.close()
     assert list(query_findings([db], room="x' OR '1'='1")) == []
     assert len(list(query_findings([db]))) == 1
+
+
+def test_records_wait_out_a_locked_database_and_are_written_after(tmp_path):
+    """Another process's write lock (here: another connection holding BEGIN EXCLUSIVE)
+    stops the writer; it keeps the records, retries, and writes every one once the lock
+    is gone — nothing is dropped."""
+    db = str(tmp_path / "m.db")
+    store = FindingStore(db, flush_interval=0.02, busy_timeout=0.05, retry_max_seconds=0.1)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.record([record(float(i)) for i in range(50)])
+        assert not store.flush(0.6)
+        assert store.write_errors >= 1
+        assert store.pending == 50
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.flush(10)
+    assert len(list(query_findings([db]))) == 50
+    assert store.dropped == 0
+    store.close()
+
+
+def test_records_wait_out_a_full_disk_and_are_written_after(tmp_path):
+    """A real full filesystem (a 2 MiB tmpfs filled up): SQLite fails with "database or
+    disk is full"; the records are kept and written once space is freed. Needs root to
+    mount the tmpfs (CI on this machine type runs as root); skipped otherwise."""
+    import os
+    import subprocess
+
+    import pytest
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        db = str(mount / "m.db")
+        store = FindingStore(db, flush_interval=0.02, retry_max_seconds=0.1)
+        store.record([record(0.0)])
+        assert store.flush(5)
+        filler = mount / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass  # full
+        big = [replace(record(float(i)), detail="x" * 1000) for i in range(1, 201)]
+        store.record(big)
+        assert not store.flush(0.6)
+        assert store.write_errors >= 1
+        filler.unlink()
+        assert store.flush(10)
+        assert len(list(query_findings([db]))) == 201
+        assert store.dropped == 0
+        store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_beyond_max_pending_index_rows_yield_first_and_are_counted(tmp_path):
+    """While the database cannot be written, memory is bounded: past `max_pending`
+    records, event-index rows are refused before findings, and each is counted."""
+    from proxy_addons.eventindex import IndexBatch
+
+    db = str(tmp_path / "m.db")
+    store = FindingStore(
+        db, flush_interval=0.02, busy_timeout=0.05, retry_max_seconds=0.1, max_pending=10
+    )
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.record([record(float(i)) for i in range(8)])
+        store.record(
+            [IndexBatch([("!r:x", "h", None, "a", "b", "b", "inbound", "send", 1, 1)] * 3)]
+        )
+        store.record([record(8.0), record(9.0), record(10.0)])
+        assert store.dropped == 4  # the three index rows, then the eleventh finding
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.flush(10)
+    assert len(list(query_findings([db]))) == 10
+    store.close()
