@@ -25,6 +25,7 @@ from rules.acl import ServerAcl
 from rules.policy import BanList, OperatorPolicy, authorise_server
 from rules.roomstate import RoomPolicy
 from rules.roomversion import get_room_version
+from tests.bench.results import record
 
 SEED = 20261123
 WORDS = "spam evil bad troll raid flood bot abuse scam junk hate porn fake".split()
@@ -174,6 +175,11 @@ def main() -> int:
         r = measure(n, 20_000)
         good = r["us_per_name"] <= 5 and (n < 100_000 or r["compile_s"] <= 2)
         ok &= good
+        label = f"{n:,} entries"
+        record(1, f"matching, new server, {label}", r["us_per_name"], 5.0, unit=" us")
+        record(1, f"matching, known server, {label}", r["us_known"], 5.0, unit=" us")
+        if n > 100:
+            record(1, f"compile, {label}", r["compile_s"], 2.0, unit=" s")
         print(
             f"{n:>8} {r['compile_s']:>10.3f} {r['us_per_name']:>7.2f} {r['us_known']:>9.2f}  "
             f"new: {'met' if good else 'NOT met'}; known: "
@@ -189,6 +195,7 @@ def main() -> int:
         f"pathological: {p['patterns']:.0f} globs like *a*a*...*b, 250-char names: "
         f"{p['us_per_name']:.1f} us/name"
     )
+    record(1, "matching, pathological globs", p["us_per_name"], None, unit=" us")
     print(
         "\nACL alone against Synapse's Rust evaluator (ServerAclEvaluator), same entries and names"
     )
@@ -199,6 +206,14 @@ def main() -> int:
         ratio = f"{theirs / mine:>6.1f}x" if theirs else "      -"
         theirs_text = f"{theirs:>11.2f}" if theirs else f"{'(no synapse)':>11}"
         print(f"{n:>8} {mine:>10.2f} {theirs_text} {ratio}")
+        if theirs:
+            record(
+                1,
+                f"ACL alone, Synapse's evaluator / modgud, {n:,} entries",
+                theirs / mine,
+                None,
+                note=f"modgud {mine:.2f} us, Synapse {theirs:.2f} us",
+            )
     return 0 if ok else 1
 
 

@@ -31,6 +31,7 @@ from proxy_addons.runtime import RuntimeHolder, build_runtime
 from rules.acl import ServerAcl
 from rules.roomstate import RoomPolicy
 from rules.roomversion import get_room_version
+from tests.bench.results import record
 
 LOCAL = "hs.bench"
 ROOMS = 10_000
@@ -123,6 +124,14 @@ def main() -> int:
     print(
         f"  from {TOTAL // 4:,} PDUs on (caches full): {min(full):.1f} to {max(full):.1f} MB, "
         f"{growth:.1%}  target <= 10 %: {'met' if growth <= 0.10 else 'NOT met'}"
+    )
+    record(
+        6,
+        f"resident memory growth over {TOTAL:,} PDUs",
+        growth * 100,
+        10.0,
+        unit=" %",
+        note=f"{min(full):.1f} to {max(full):.1f} MB",
     )
     return 0
 

@@ -8,7 +8,9 @@ joined to it. Three paths, alternated (BENCH_CYCLES times each, Synapse restarte
 nginx (Debian's package) terminating TLS in front of Synapse, which has no event hook; and
 modgud in front of the same Synapse, running with modgud's event hook
 (synapse-http-antispam), signatures verified; and, to show where the time goes, modgud's
-edge alone (Synapse without the hook). On each path a keep-alive client
+edge alone (Synapse without the hook); and the floor any HTTP event hook has: nginx in
+front of Synapse whose hook is a constant answer (a bare asyncio server that answers `{}`
+at once, no parsing, no checks). On each path a keep-alive client
 (one TLS connection) sends /send transactions of 1 and of 50 new, chained, signed PDUs,
 one at a time, and times each round trip; the medians are compared.
 """
@@ -33,9 +35,13 @@ from proxy_addons.testbed.nginx import Nginx
 from proxy_addons.testbed.peer import FederationPeer, PeerServer
 from proxy_addons.testbed.topology import _wait_port
 from rules.xmatrix import sign_request
+from tests.bench.results import record
 
 ROUNDS = {1: int(os.environ.get("BENCH_SMALL", "30")), 50: int(os.environ.get("BENCH_LARGE", "8"))}
 CYCLES = int(os.environ.get("BENCH_CYCLES", "2"))
+# nginx: Synapse behind nginx; edge: behind modgud without the hook; modgud: the real
+# deployment (edge + hook); floor: behind nginx with a hook that answers at once.
+PATHS = ("nginx", "edge", "modgud", "floor")
 
 
 async def round_trips(
@@ -124,8 +130,35 @@ def start_modgud(
     return proc, port, hook_port, metrics_port
 
 
-def hook_time(metrics_port: int) -> tuple[float, float]:
-    """modgud's own mean answer time for check_event_for_spam, and the number of calls."""
+def serve_constant_hook(port: int) -> None:
+    """An HTTP/1.1 server answering every request with 200 `{}` at once: the least any
+    synapse-http-antispam hook can cost Synapse."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def hook_time(metrics_port: int) -> tuple[float, float, dict[str, float]]:
+    """modgud's own mean answer time for check_event_for_spam, the number of calls, and
+    the calls by what decided them (the edge's verdict, the hook's own evaluation)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -133,15 +166,19 @@ def hook_time(metrics_port: int) -> tuple[float, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     total = count = 0.0
+    decided: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("callback") != "check_event_for_spam":
                 continue
+            if sample.name == "modgud_hook_calls_total":
+                by = sample.labels["decided_by"]
+                decided[by] = decided.get(by, 0.0) + sample.value
             if sample.name == "modgud_hook_seconds_sum":
                 total = sample.value
             elif sample.name == "modgud_hook_seconds_count":
                 count = sample.value
-    return (total / count if count else 0.0), count
+    return (total / count if count else 0.0), count, decided
 
 
 def main() -> int:
@@ -157,9 +194,11 @@ def main() -> int:
     )
     nginx = Nginx(workdir / "nginx", free_port(), hs.base_url)
     modgud = None
-    results: dict[str, dict[int, list[float]]] = {
-        path: {1: [], 50: []} for path in ("nginx", "edge", "modgud")
-    }
+    results: dict[str, dict[int, list[float]]] = {path: {1: [], 50: []} for path in PATHS}
+    constant_port = free_port()
+    constant = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.synapse", "--constant-hook", str(constant_port)]
+    )
     try:
         hs.start()
         _, token = hs.register_user("alice", admin=True)
@@ -178,14 +217,25 @@ def main() -> int:
                 "fail_open": {"check_event_for_spam": False},
             },
         }
+        floor = {
+            "module": "synapse_http_antispam.HTTPAntispam",
+            "config": {
+                "base_url": f"http://127.0.0.1:{constant_port}",
+                "enabled_callbacks": ["check_event_for_spam"],
+                "fail_open": {"check_event_for_spam": False},
+            },
+        }
+        if not _wait_port(constant_port, 10):
+            raise RuntimeError("the constant hook did not start")
+        modules = {"nginx": [], "edge": [], "modgud": [hook], "floor": [floor]}
         # Alternate, so that neither path always meets the bigger room or the later minute.
         for cycle in range(CYCLES):
             # "edge": modgud in front, Synapse without the hook (where the time goes).
-            for path in ("nginx", "edge", "modgud"):
+            for path in PATHS:
                 hs.stop()
-                hs.modules = [hook] if path == "modgud" else []
+                hs.modules = modules[path]
                 hs.start()
-                address = via_nginx if path == "nginx" else f"127.0.0.1:{port}"
+                address = via_nginx if path in ("nginx", "floor") else f"127.0.0.1:{port}"
                 got = asyncio.run(round_trips(peer, server, room_id, hs.server_name, address))
                 for size, times in got.items():
                     results[path][size].extend(times)
@@ -196,8 +246,9 @@ def main() -> int:
                     ),
                     flush=True,
                 )
-        mean_hook, hook_calls = hook_time(metrics_port)
+        mean_hook, hook_calls, decided = hook_time(metrics_port)
     finally:
+        constant.terminate()
         if modgud is not None:
             modgud.terminate()
             modgud.wait(15)
@@ -206,19 +257,34 @@ def main() -> int:
         peer.stop()
     print(
         f"(Synapse called the hook {hook_calls:.0f} times; modgud answered each in "
-        f"{mean_hook * 1000:.2f} ms on average, the rest of the hook's cost is Synapse's call)"
+        f"{mean_hook * 1000:.2f} ms on average, the rest of the hook's cost is Synapse's call;"
+        " decided by: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decided.items())) + ")"
     )
     print("The /send round trip to a real Synapse, keep-alive TLS, medians")
-    print(f"{'PDUs':>5} {'nginx ms':>9} {'edge only':>10} {'edge+hook':>10} {'ratio':>6}  target")
+    print(
+        f"{'PDUs':>5} {'nginx ms':>9} {'edge only':>10} {'edge+hook':>10} {'ratio':>6} "
+        f"{'floor ms':>9} {'floor ratio':>12}  target"
+    )
     for size, limit in ((1, 1.25), (50, 1.10)):
-        a, e, b = (statistics.median(results[p][size]) for p in ("nginx", "edge", "modgud"))
+        a, e, b, f = (statistics.median(results[p][size]) for p in PATHS)
         verdict = "met" if b / a <= limit else "NOT met"
         print(
-            f"{size:>5} {a * 1000:>9.1f} {e * 1000:>10.1f} {b * 1000:>10.1f} {b / a:>6.2f}  "
-            f"<= {limit:.2f}: {verdict}"
+            f"{size:>5} {a * 1000:>9.1f} {e * 1000:>10.1f} {b * 1000:>10.1f} {b / a:>6.2f} "
+            f"{f * 1000:>9.1f} {f / a:>12.2f}  <= {limit:.2f}: {verdict}"
+        )
+        record(
+            7,
+            f"/send {size} PDU{'s' if size > 1 else ''}, edge + hook / nginx",
+            b / a,
+            limit,
+            note=f"nginx {a * 1000:.1f} ms, edge + hook {b * 1000:.1f} ms, edge alone "
+            f"{e * 1000:.1f} ms; a constant hook behind nginx (the floor) {f / a:.2f}x",
         )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--constant-hook"]:
+        serve_constant_hook(int(sys.argv[2]))
+    else:
+        sys.exit(main())
