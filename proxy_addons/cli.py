@@ -41,6 +41,11 @@ def mitmdump_args(config: Config, certs_file: str | None) -> list[str]:
         f"modgud_config={config.path}",
         "--set",
         "flow_detail=0",
+        # Lazy: the homeserver is connected to when a request is to be forwarded, not when
+        # a client connects. A request modgud answers itself never opens a connection, and
+        # with the homeserver down the sender gets a 502 it retries, not a torn-down TLS.
+        "--set",
+        "connection_strategy=lazy",
     ]
     if certs_file:
         args += ["--certs", f"*={certs_file}"]
@@ -52,11 +57,11 @@ def mitmdump_args(config: Config, certs_file: str | None) -> list[str]:
 def _outbound_args(config: Config, listen: Listen) -> list[str]:
     """The homeserver's https_proxy: it sends CONNECT, then TLS that modgud terminates with
     a certificate from its own CA (the homeserver trusts it via federation_custom_ca_list).
-    Connections are lazy: a request is seen before any connection to the remote server is
-    opened, so a refused one never reaches it."""
+    Connections are lazy (set for every mode): a request is seen before any connection to
+    the remote server is opened, so a refused one never reaches it."""
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     args = ["--mode", f"regular@{host}:{listen.port}"]
-    args += ["--set", "connection_strategy=lazy", "--set", f"confdir={config.outbound_ca_dir}"]
+    args += ["--set", f"confdir={config.outbound_ca_dir}"]
     if not config.outbound_verify_tls:
         args += ["--set", "ssl_insecure=true"]
     elif config.outbound_ca_file:

@@ -356,7 +356,17 @@ class Enforcer:
                 origin,
                 unverified,
             )
-        if config.enforcing and not config.fail_open and _state_missing(verdict):
+        missing = _unavailable_findings(verdict)
+        if missing and (config.fail_open or not config.enforcing):
+            runtime.metrics.fail_open.labels("state").inc(len(missing))
+            logger.warning(
+                "transaction %s from %s: room state unavailable for %d items, passed "
+                "unchecked (on_error: open)",
+                txn_id,
+                origin,
+                len(missing),
+            )
+        if config.enforcing and not config.fail_open and missing:
             # on_error: closed, and a room's state could not be had: nothing unverified
             # passes, and a 5xx makes the sender retry the transaction later.
             record_findings(
@@ -539,10 +549,6 @@ _AUTHENTICATED = (EndpointClass.SEND, EndpointClass.ROOM_DATA, EndpointClass.EVE
 
 def _unavailable_findings(verdict: TransactionVerdict) -> list[Finding]:
     return [f for f in verdict.all_findings() if f.rule is Rule.STATE_UNAVAILABLE]
-
-
-def _state_missing(verdict: TransactionVerdict) -> bool:
-    return bool(_unavailable_findings(verdict))
 
 
 async def _verify_signatures(

@@ -27,7 +27,13 @@ from aiohttp import web
 
 from proxy_addons.recording import record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
-from rules.checks import ItemVerdict, apply_actions, check_event, check_invite
+from rules.checks import (
+    ItemVerdict,
+    StateUnavailable,
+    apply_actions,
+    check_event,
+    check_invite,
+)
 from rules.findings import Decision
 from rules.roomstate import RELEVANT_STATE_TYPES
 from rules.servername import server_of_user
@@ -126,6 +132,9 @@ async def evaluate_event(runtime: Runtime, event: dict[str, object]) -> tuple[we
         ),
         runtime.policy.current,
     )
+    if isinstance(policy, StateUnavailable) and not verdict.refused:
+        runtime.metrics.fail_open.labels("state").inc()
+        logger.warning("hook: no room state for %s, event passed unchecked", room_id)
     if verdict.findings:
         runtime.refused.add_findings(verdict.findings)
         refuse = verdict.refused and config.enforcing

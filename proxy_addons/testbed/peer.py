@@ -688,9 +688,11 @@ class FederationPeer:
         edus: list[dict[str, Any]] = (),  # type: ignore[assignment]
         *,
         raw_body: bytes | None = None,
+        txn_id: str | None = None,
     ) -> FederationResponse:
         """PUT /send as `server`. `raw_body` replaces the JSON body; it is signed as it
-        is (without content when it is not JSON, as X-Matrix does)."""
+        is (without content when it is not JSON, as X-Matrix does). `txn_id`: to resend
+        a transaction as a real server retries it (new by default)."""
         content: Any = {
             "origin": server.name,
             "origin_server_ts": int(time.time() * 1000),
@@ -702,7 +704,7 @@ class FederationPeer:
                 content = json.loads(raw_body)
             except ValueError:
                 content = None
-        txn_id = secrets.token_hex(8)
+        txn_id = txn_id or secrets.token_hex(8)
         path = f"/_matrix/federation/v1/send/{txn_id}"
         answer = self.request(
             server, destination, "PUT", path, content, raw_body=raw_body, address=address

@@ -209,7 +209,7 @@ class Topology:
                 ]
             )
         )
-        log = open(self.workdir / "modgud.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / "modgud.log", "ab")  # noqa: SIM115 - closed with the process
         modgud = Path(sys.executable).with_name("modgud")
         self.modgud = subprocess.Popen(
             [
@@ -228,6 +228,22 @@ class Topology:
         if not (_wait_port(self.hook_port, 30) and _wait_port(self.modgud_port, 30)):
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())
+
+    def kill_modgud(self) -> None:
+        """kill -9: no clean stop, no flush (what a crash or the OOM killer does)."""
+        assert self.modgud is not None
+        self.modgud.kill()
+        self.modgud.wait(10)
+
+    def restart_modgud(self, *, on_error: str | None = None) -> None:
+        """Start modgud again (after kill_modgud, or stopping it first), optionally with
+        another on_error."""
+        if self.modgud is not None and self.modgud.poll() is None:
+            self.modgud.terminate()
+            self.modgud.wait(15)
+        if on_error is not None:
+            self.on_error = on_error
+        self._start_modgud()
 
     def _outbound_config(self) -> list[str]:
         if not self.outbound:
@@ -320,9 +336,16 @@ class Topology:
         edus: list[dict[str, Any]] = (),  # type: ignore[assignment]
         *,
         raw_body: bytes | None = None,
+        txn_id: str | None = None,
     ) -> FederationResponse:
         return self.peer.send(
-            server, self.hs1.server_name, self.hs1_address, pdus, edus, raw_body=raw_body
+            server,
+            self.hs1.server_name,
+            self.hs1_address,
+            pdus,
+            edus,
+            raw_body=raw_body,
+            txn_id=txn_id,
         )
 
     # -- crafted federation traffic ------------------------------------------------------

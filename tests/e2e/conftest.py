@@ -11,8 +11,9 @@ import pytest
 from proxy_addons.testbed.topology import Topology
 
 
-def _topology(tmp_path_factory, mode, **options):
-    topo = Topology(tmp_path_factory.mktemp(f"fed-{mode}"), mode=mode, **options)
+def _topology(tmp_path_factory, name, **options):
+    mode = name if name in ("enforce", "audit") else "enforce"
+    topo = Topology(tmp_path_factory.mktemp(f"fed-{name}"), mode=mode, **options)
     topo.start()
     return topo
 
@@ -45,3 +46,12 @@ def outbound_topology(tmp_path_factory):
 def any_enforce_topology(request):
     """For tests that must hold with and without the outbound listener."""
     return request.getfixturevalue(f"{request.param}_topology")
+
+
+@pytest.fixture(scope="session")
+def faults_topology(tmp_path_factory):
+    """A topology the fault tests may break: they kill modgud, freeze or stop hs1, and
+    restart modgud with other on_error settings; each test leaves it running again."""
+    topo = _topology(tmp_path_factory, "faults")
+    yield topo
+    topo.stop()

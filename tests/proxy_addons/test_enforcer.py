@@ -135,6 +135,10 @@ async def test_state_unavailable_open_forwards_and_counts(make_runtime):
     await run(holder, flow)
     assert flow.response is None
     assert [r["rule"] for r in findings(holder)] == ["error.state_unavailable"]
+    counted = holder.runtime.metrics.registry.get_sample_value(
+        "modgud_fail_open_total", {"where": "state"}
+    )
+    assert counted == 1
 
 
 async def test_state_unavailable_closed_asks_sender_to_retry(make_runtime):
