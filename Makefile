@@ -10,7 +10,7 @@ SYNAPSE_VERSION ?= 1.163.2
 ANTISPAM_VERSION ?= 0.5.1
 PYTEST_ARGS ?=
 
-.PHONY: all venv synapse deps demo test check lint typecheck unit e2e bench clean
+.PHONY: all venv synapse deps demo test check lint typecheck unit e2e bench soak fuzz clean
 
 all: check
 
@@ -64,6 +64,11 @@ bench: venv synapse deps
 	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
 	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.synapse
+
+## Soak (docs/RELIABILITY.md): 10 minutes at 80 % of the measured maximum against a real
+## Synapse with scenario traffic; fails on any error, lost message or memory growth.
+soak: venv synapse
+	MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python $(PY) -m tests.bench.soak
 
 clean:
 	rm -rf $(VENV) $(SYNAPSE_VENV) .pytest_cache .mypy_cache .ruff_cache
