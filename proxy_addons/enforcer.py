@@ -560,10 +560,10 @@ async def _verify_signatures(
     signed = signing_bytes(event, room_version)
     digest = hashlib.sha256(signed).digest() if signed is not None else None
     signatures = event.get("signatures")
-    key: tuple[bytes, bytes] | None = None
+    key: bytes | None = None
     if digest is not None and isinstance(signatures, dict):
         try:
-            key = (digest, encode_canonical_json(signatures))
+            key = runtime.signatures.key(digest, encode_canonical_json(signatures))
         except (ValueError, TypeError, RecursionError):
             key = None
         cached = runtime.signatures.get(key) if key is not None else None

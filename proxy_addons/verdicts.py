@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -33,8 +34,10 @@ class VerdictCache:
         self.max_entries = max_entries
         self.max_allowed = max_allowed
         self._entries: OrderedDict[str, EdgeVerdict] = OrderedDict()
-        self._allowed: dict[str, tuple[object, object]] = {}
-        self._allowed_before: dict[str, tuple[object, object]] = {}
+        # event ID -> the room state it was allowed under; all under `_policy`
+        self._allowed: dict[str, object] = {}
+        self._allowed_before: dict[str, object] = {}
+        self._policy: object = None
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._allowed) + len(self._allowed_before)
@@ -42,14 +45,18 @@ class VerdictCache:
     def put_allowed(self, event_id: str, room_state: object, policy: object) -> None:
         """Remember that the edge allowed `event_id`, without findings, under `room_state`
         and `policy`."""
-        self._allowed[event_id] = (room_state, policy)
+        if policy is not self._policy:  # the policy changed: older allows are void
+            self._allowed, self._allowed_before, self._policy = {}, {}, policy
+        self._allowed[event_id] = room_state
         if len(self._allowed) >= max(1, self.max_allowed // 2):
             self._allowed_before, self._allowed = self._allowed, {}
 
     def allowed_under(self, event_id: str) -> tuple[object, object] | None:
         """The (room state, policy) the edge allowed `event_id` under, if it did."""
         found = self._allowed.get(event_id)
-        return found if found is not None else self._allowed_before.get(event_id)
+        if found is None:
+            found = self._allowed_before.get(event_id)
+        return None if found is None else (found, self._policy)
 
     def put(self, event_id: str, verdict: EdgeVerdict) -> None:
         """Remember a verdict; a refusal is never overwritten by a later allow (a permitted
@@ -71,25 +78,37 @@ class SignatureCache:
     """Signature checks by what they covered: the digest of the signed bytes (the event's
     reference hash, so its event ID) and the signatures themselves. An event relayed or
     delivered again is not verified again. Only definite answers are kept: a check that
-    lacked keys is not."""
+    lacked keys is not.
+
+    Kept small, since it holds one entry per event: the key is one 32-byte digest of
+    both, and equal results (nearly all are "verified by these servers") share one
+    object."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[bytes, bytes], SignatureCheck] = OrderedDict()
+        self._entries: OrderedDict[bytes, SignatureCheck] = OrderedDict()
+        self._results: dict[SignatureCheck, SignatureCheck] = {}
         self.hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[bytes, bytes]) -> SignatureCheck | None:
+    @staticmethod
+    def key(signed_digest: bytes, signatures: bytes) -> bytes:
+        """The cache key of a check over `signed_digest` with the canonical `signatures`."""
+        return hashlib.sha256(signed_digest + signatures).digest()
+
+    def get(self, key: bytes) -> SignatureCheck | None:
         check = self._entries.get(key)
         if check is not None:
             self.hits += 1
         return check
 
-    def put(self, key: tuple[bytes, bytes], check: SignatureCheck) -> None:
+    def put(self, key: bytes, check: SignatureCheck) -> None:
         if check.missing_keys:
             return
-        self._entries[key] = check
+        if len(self._results) > 4 * self.max_entries:
+            self._results.clear()  # results no entry shares any more: start again
+        self._entries[key] = self._results.setdefault(check, check)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
