@@ -111,6 +111,21 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cache_entries(metrics_port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        sample.labels["cache"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "modgud_cache_entries"
+    }
+
+
 def run_workers(
     workers: list[Worker], destination: str, address: str, seconds: float, rate: float | None
 ) -> float:
@@ -205,6 +220,7 @@ def main() -> int:
         done.set()
         sampler.join()
         alive = modgud.poll() is None
+        caches = cache_entries(metrics_port)
         time.sleep(2)
         lost = sum(w.missing(hs.workdir / "homeserver.db") for w in workers)
     finally:
@@ -232,6 +248,10 @@ def main() -> int:
     print(
         f"RSS from {SECONDS / 4:.0f} s on: {min(warm, default=0):.1f} to {max(warm, default=0):.1f} MB "
         f"({growth:.1%}; flat means <= 10 %); modgud still running: {alive}"
+    )
+    print(
+        "cache entries at the end (each bounded; RSS grows while they fill): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(caches.items()))
     )
     result = {
         "maximum_tps": maximum,
