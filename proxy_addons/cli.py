@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy_addons.config import Config, ConfigError, Listen, load_config
+from proxy_addons.config import Config, ConfigError, Listen, exposure_warnings, load_config
 from proxy_addons.leaks import query_leaks
 from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.replay import ReplayError, replay_capture
@@ -198,6 +198,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
     if not config.admin_token:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")
+    for warning in exposure_warnings(config):
+        print(f"  warning: {warning}")
     return 0
 
 

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from yaml.constructor import ConstructorError
 
 from rules.policy import ACTIONS, CHECKS, SEVERITIES, CheckActions, CheckSetting
 from rules.servername import parse_server_name
 
-__all__ = ["Config", "ConfigError", "KeyServer", "Listen", "Mode", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "KeyServer",
+    "Listen",
+    "Mode",
+    "exposure_warnings",
+    "is_loopback",
+    "load_config",
+]
 
 
 class ConfigError(Exception):
@@ -129,7 +140,10 @@ class _Node:
             expected = (
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
-            raise self.error(name, f"expected {expected}, got {type(value).__name__} {value!r}")
+            shown = repr(value)[:100]
+            raise self.error(name, f"expected {expected}, got {type(value).__name__} {shown}")
+        if isinstance(value, str) and "\x00" in value:  # no file, URL or name holds one
+            raise self.error(name, "contains a NUL character")
         return value
 
     def child(self, name: str, required: bool = False) -> _Node | None:
@@ -154,18 +168,50 @@ class _Mapping:
         self.data, self.lines, self.line = data, lines, line
 
 
-def _construct(node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        data: dict[str, Any] = {}
-        lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            data[key] = _construct(value_node)
-            lines[key] = key_node.start_mark.line + 1
-        return _Mapping(data, lines, node.start_mark.line + 1)
+def _construct(node: yaml.Node, within: set[int] | None = None) -> Any:
+    """Plain data with the line of every key; raises yaml.YAMLError (with the place) for
+    what is not plain data. `within`: the collections being built, around this node."""
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        within = set() if within is None else within
+        if id(node) in within:  # `&a [*a]`: would recurse forever
+            raise ConstructorError(None, None, "an alias refers to itself", node.start_mark)
+        within.add(id(node))
+        try:
+            return _construct_collection(node, within)
+        finally:
+            within.discard(id(node))
+    try:
+        return yaml.SafeLoader(yaml.serialize(node)).get_single_data()  # scalars, typed
+    except Exception:  # noqa: BLE001 - PyYAML's constructors raise what their parsing meets
+        # a tag its value does not fit: `!!int x` (ValueError), `!!bool maybe` (KeyError)…
+        what = f"{str(node.value)[:50]!r} is not a valid {node.tag}"
+        raise ConstructorError(None, None, what, node.start_mark) from None
+
+
+def _construct_collection(node: yaml.MappingNode | yaml.SequenceNode, within: set[int]) -> Any:
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(v) for v in node.value]
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()  # scalars, typed
+        return [_construct(v, within) for v in node.value]
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            what = "a key must be a plain value, not a list or a mapping"
+            raise ConstructorError(None, None, what, key_node.start_mark)
+        key = str(key_node.value)
+        data[key] = _construct(value_node, within)
+        lines[key] = key_node.start_mark.line + 1
+    return _Mapping(data, lines, node.start_mark.line + 1)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only (127.0.0.0/8, ::1,
+    localhost). Any other name may resolve to anything, so it does not count."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_listen(node: _Node, name: str, default: str | None) -> Listen | None:
@@ -173,7 +219,10 @@ def _parse_listen(node: _Node, name: str, default: str | None) -> Listen | None:
     if text is None:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    # A port of 1 to 5 ASCII digits: str.isdigit() is also true of digits int() refuses,
+    # like "²", and int() refuses more than 4,300 of them.
+    digits = len(port) <= 5 and port.isascii() and port.isdigit()
+    if not sep or not digits or not 0 < int(port) < 65536 or not host:
         raise node.error(name, f"expected host:port, got {text!r}")
     return Listen(host.strip("[]"), int(port))
 
@@ -182,10 +231,25 @@ def _parse_url(node: _Node, name: str, required: bool, default: str | None = Non
     url = node.get(name, str, default, required=required)
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:  # "http://[::1" and the like
+        valid = False
+    if not valid:
         raise node.error(name, f"expected an http(s):// URL, got {url!r}")
     return url.rstrip("/")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long: is_file() raises that one
+        return False
+
+
+MAX_TOKEN_BYTES = 4096
 
 
 def _read_token(node: _Node, name: str, base: Path) -> str | None:
@@ -193,12 +257,23 @@ def _read_token(node: _Node, name: str, base: Path) -> str | None:
     if path is None:
         return None
     full = (base / path).resolve()
+    # The file's content is a secret: no message below quotes any of it.
     try:
-        token = full.read_text(encoding="utf-8").strip()
+        with full.open("rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
     except OSError as e:
         raise node.error(name, f"cannot read {full}: {e.strerror}") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise node.error(name, f"{full} is over {MAX_TOKEN_BYTES} bytes: not a token file")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise node.error(name, f"{full} is not UTF-8 text") from None
     if not token:
         raise node.error(name, f"{full} is empty")
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        # It goes into an Authorization header as it is.
+        raise node.error(name, f"{full} must hold one token: printable ASCII, no spaces")
     return token
 
 
@@ -206,9 +281,14 @@ def load_config(path: str | Path) -> Config:
     """Load and validate a config file; raises ConfigError naming file, key and line."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(path, "", None, f"cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(path, "", line, f"not UTF-8: {e.reason} at byte {e.start}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         tree = _construct(root) if root is not None else None
@@ -217,6 +297,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             path, "", mark.line + 1 if mark else None, f"not valid YAML: {e}"
         ) from None
+    except RecursionError:
+        raise ConfigError(path, "", None, "not valid YAML: nested too deeply") from None
     if not isinstance(tree, _Mapping):
         raise ConfigError(path, "", 1, "expected a mapping at the top level")
     base = Path(path).resolve().parent
@@ -243,7 +325,7 @@ def load_config(path: str | Path) -> Config:
         cert = tls.get("certificate", str, required=True)
         key = tls.get("key", str, required=True)
         for name, value in (("certificate", cert), ("key", key)):
-            if not (base / value).is_file():
+            if not _is_file(base / value):
                 raise tls.error(name, f"no such file: {base / value}")
         cert, key = str(base / cert), str(base / key)
         tls.reject_unknown()
@@ -260,6 +342,14 @@ def load_config(path: str | Path) -> Config:
     if hook_node is not None:
         hook = _parse_listen(hook_node, "listen", "127.0.0.1:8099")
         hook_token = _read_token(hook_node, "token_file", base)
+        if hook is not None and hook_token is None and not is_loopback(hook.host):
+            # Whoever reaches the hook can have events judged, rooms refetched and
+            # findings recorded: off loopback, only the homeserver may call it.
+            raise hook_node.error(
+                "listen",
+                f"{hook} is not a loopback address: set hook.token_file too "
+                "(synapse-http-antispam's authorization), or listen on 127.0.0.1",
+            )
         hook_node.reject_unknown()
 
     hs = top.child("homeserver")
@@ -278,16 +368,9 @@ def load_config(path: str | Path) -> Config:
     state = top.child("state")
     ttl, timeout, hook_timeout = 300.0, 5.0, 1.0
     if state is not None:
-        ttl = float(state.get("ttl_seconds", (int, float), ttl))
-        timeout = float(state.get("timeout_seconds", (int, float), timeout))
-        hook_timeout = float(state.get("hook_timeout_seconds", (int, float), hook_timeout))
-        for name, value in (
-            ("ttl_seconds", ttl),
-            ("timeout_seconds", timeout),
-            ("hook_timeout_seconds", hook_timeout),
-        ):
-            if value <= 0:
-                raise state.error(name, "must be positive")
+        ttl = _seconds(state, "ttl_seconds", ttl)
+        timeout = _seconds(state, "timeout_seconds", timeout)
+        hook_timeout = _seconds(state, "hook_timeout_seconds", hook_timeout)
         state.reject_unknown()
     max_body = top.get("max_body_bytes", int, 12 * 1024 * 1024)
     if max_body < 65_536:
@@ -310,9 +393,7 @@ def load_config(path: str | Path) -> Config:
             _scoped_checks(policy, "space_checks"),
             _scoped_checks(policy, "room_checks"),
         )
-        refresh = float(policy.get("refresh_seconds", (int, float), refresh))
-        if refresh <= 0:
-            raise policy.error("refresh_seconds", "must be positive")
+        refresh = _seconds(policy, "refresh_seconds", refresh)
         policy.reject_unknown()
     top.reject_unknown()
 
@@ -348,6 +429,18 @@ def load_config(path: str | Path) -> Config:
         client_api=client_api,
         room_admin_token=room_admin_token,
     )
+
+
+def _seconds(node: _Node, name: str, default: float) -> float:
+    """A positive number of seconds."""
+    value = node.get(name, (int, float), default)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise node.error(name, "must be a number of seconds, not that many") from None
+    if not seconds > 0:  # NaN too
+        raise node.error(name, "must be positive")
+    return seconds
 
 
 def _room_ids(node: _Node, name: str) -> tuple[str, ...]:
@@ -419,7 +512,7 @@ def _parse_outbound(top: _Node, base: Path, database: str, listening: bool) -> d
     out["outbound_verify_tls"] = node.get("verify_tls", bool, True)
     ca_file = node.get("ca_file", str)
     if ca_file is not None:
-        if not (base / ca_file).is_file():
+        if not _is_file(base / ca_file):
             raise node.error("ca_file", f"no such file: {base / ca_file}")
         out["outbound_ca_file"] = str(base / ca_file)
     key_file = node.get("signing_key_file", str)
@@ -487,4 +580,26 @@ def _scoped_checks(node: _Node, name: str) -> dict[str, dict[str, CheckSetting]]
         if not room_id.startswith("!"):
             raise scoped.error(room_id, "expected a room ID (!…)")
         out[room_id] = _checks(scoped, room_id)
+    return out
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """What the operator explicitly opened beyond loopback, and what that exposes (each
+    bind off loopback needs a setting; none is a default, but each deserves a word)."""
+    out = []
+    if config.metrics is not None and not is_loopback(config.metrics.host):
+        out.append(
+            f"listen.metrics {config.metrics} is not a loopback address: whoever reaches it "
+            "reads modgud's metrics (firewall it to Prometheus)"
+        )
+    if config.outbound is not None and not is_loopback(config.outbound.host):
+        out.append(
+            f"listen.outbound {config.outbound} is not a loopback address: whoever reaches "
+            "it can use it as an HTTP proxy (firewall it to the homeserver)"
+        )
+    if config.hook is not None and not is_loopback(config.hook.host):
+        out.append(
+            f"hook.listen {config.hook} is not a loopback address: its token crosses the "
+            "network in plain HTTP (keep it on a private network)"
+        )
     return out

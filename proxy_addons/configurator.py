@@ -9,7 +9,7 @@ import logging
 from mitmproxy import exceptions
 from mitmproxy.addonmanager import Loader
 
-from proxy_addons.config import ConfigError, load_config
+from proxy_addons.config import ConfigError, exposure_warnings, load_config
 from proxy_addons.runtime import RuntimeHolder, build_runtime
 
 __all__ = ["Configurator"]
@@ -44,6 +44,8 @@ class Configurator:
             config.upstream,
             config.on_error,
         )
+        for warning in exposure_warnings(config):
+            logger.warning("%s", warning)
 
     def running(self) -> None:
         # Everything alive now (modules, config, compiled ACLs) lives as long as the process:

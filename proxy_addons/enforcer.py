@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from mitmproxy import http
@@ -45,7 +45,7 @@ from rules.checks import (
 )
 from rules.eventhash import event_id_from_reference_hash
 from rules.federation import Transaction, parse_json_body, parse_transaction
-from rules.findings import Confidence, Finding, Rule, Severity
+from rules.findings import Confidence, Finding, Rule, Severity, refuses_deliverer_only
 from rules.roomstate import KNOCK_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
 from rules.roomversion import RoomVersion
 from rules.signatures import (
@@ -127,7 +127,8 @@ class Enforcer:
             metrics.transaction_seconds.labels("inbound").observe(elapsed)
             if state.pdu_count:
                 metrics.pdu_seconds.labels("inbound").observe(elapsed / state.pdu_count)
-            server = metrics.server_label(state.auth.origin if state.auth else None)
+            trusted = state.auth is not None and _origin_trusted(runtime, state)
+            server = metrics.server_label(state.auth.origin if state.auth and trusted else None)
             if server is not None:
                 metrics.server_requests.labels(server, outcome).inc()
 
@@ -177,6 +178,8 @@ class Enforcer:
         item = apply_actions(item, runtime.policy.current)
         if not item.findings:
             return
+        if not _origin_trusted(runtime, state):
+            item = item._replace(findings=_unattributed(item.findings, state.auth.origin))
         refuse = item.refused and config.enforcing
         record_findings(
             runtime,
@@ -221,6 +224,18 @@ class Enforcer:
                 runtime, flow, state, finding, "Missing or invalid X-Matrix authorization"
             )
             return False
+        if auth.destination is not None and auth.destination != config.server_name:
+            # Signed for another server: Synapse answers 401 too ("Destination mismatch in
+            # auth header"). Accepted, a request one server sent to another could be
+            # replayed here and blamed on its origin.
+            finding = Finding(
+                Rule.BAD_REQUEST_SIGNATURE,
+                Severity.WARNING,
+                f"X-Matrix destination {auth.destination[:100]!r} is not {config.server_name}",
+                confidence=Confidence.LOW,
+            )
+            self._unauthorized(runtime, flow, state, finding, "Destination mismatch in auth header")
+            return False
         if not config.verify_signatures:
             return True
         key = await runtime.keys.ensure(auth.origin, auth.key_id)
@@ -235,7 +250,8 @@ class Enforcer:
                 _retry_later(flow, "the origin's signing key is unavailable")
                 state.answered_locally = True
                 return False
-            # Unverifiable: proceed without blaming anyone beyond what the request claims.
+            # Unverifiable: checked, but nobody is blamed on its word and it leaves nothing
+            # behind (see _origin_trusted).
             runtime.metrics.fail_open.labels("request_key").inc()
             logger.warning(
                 "no key %s for %s; request signature not checked", auth.key_id, auth.origin
@@ -309,20 +325,26 @@ class Enforcer:
         if config.verify_signatures:
             verdict, unverified = await self._check_signatures(runtime, txn, rooms, verdict)
         verdict = apply_actions_to_transaction(verdict, policy)
+        trusted = _origin_trusted(runtime, state)
+        if not trusted:
+            verdict = _unattributed_verdict(verdict, origin)
         for item in verdict.pdus:
-            if item.findings:
+            if item.findings and trusted:
                 runtime.refused.add_findings(item.findings)
         for pdu in txn.pdus:
             if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
                 state.stale_rooms.add(pdu.room_id)
             if runtime.policy.watches(pdu.room_id, pdu.event_type):
                 runtime.policy.mark_stale()
-        _queue_knocks(runtime, txn, rooms, verdict)
-        if runtime.index is not None:
+        if trusted:
+            _queue_knocks(runtime, txn, rooms, verdict)
+        if runtime.index is not None and trusted:
             event_ids = {i.position: i.event_id for i in verdict.pdus if i.event_id}
             runtime.index.see(txn.pdus, origin, event_ids=event_ids)
         for item in verdict.pdus:
-            if item.event_id is None:
+            if item.event_id is None or not trusted:
+                # An unauthenticated origin leaves no verdict for the hook, which judges
+                # those events itself: a forged delivery must not decide for a real one.
                 continue
             if not item.findings:
                 # Only when the room's state is not changing under it: the hook answers
@@ -332,6 +354,11 @@ class Enforcer:
                     runtime.verdicts.put_allowed(item.event_id, room, policy)
                 continue
             if any(f.rule is Rule.STATE_UNAVAILABLE for f in item.findings):
+                continue
+            if refuses_deliverer_only(item.findings):
+                # Refused for who delivered it, not for who wrote it: that must not decide
+                # for the same event from a permitted server (else a refused server could
+                # get any event refused by delivering it first). The hook judges it itself.
                 continue
             reason = "; ".join(f.detail for f in item.findings) or "allowed"
             runtime.verdicts.put(
@@ -458,6 +485,8 @@ class Enforcer:
         item = apply_actions(item, runtime.policy.current)
         if not item.findings:
             return "forwarded"
+        if not _origin_trusted(runtime, state):
+            item = item._replace(findings=_unattributed(item.findings, state.auth.origin))
         refuse = item.refused and config.enforcing
         if refuse and isinstance(policy, StateUnavailable):
             record_findings(runtime, item.findings, action="rejected", endpoint=endpoint.name)
@@ -545,6 +574,36 @@ def _queue_knocks(
 
 _MEMBERSHIP_ENDPOINTS = frozenset({"send_join", "send_knock", "send_leave", "invite"})
 _AUTHENTICATED = (EndpointClass.SEND, EndpointClass.ROOM_DATA, EndpointClass.EVENT)
+
+
+def _origin_trusted(runtime: Runtime, state: FlowState) -> bool:
+    """Whether the request's origin may be blamed and remembered: its X-Matrix signature
+    verified, or the operator turned verification off (claims are then taken as made).
+    A request let through because the origin's key could not be had (on_error: open) is
+    still checked, but a forged origin — any server name with a made-up key ID — must
+    not get another server blamed, its knocks queued, its deliveries indexed, or leave
+    verdicts the hook would apply to the real events."""
+    return state.origin_verified or not runtime.config.verify_signatures
+
+
+def _unattributed(findings: Iterable[Finding], origin: str) -> tuple[Finding, ...]:
+    """Findings of a request whose origin is only claimed: nobody is blamed."""
+    note = f" (origin {origin[:100]} not authenticated)"
+    return tuple(
+        replace(f, attributed_to=None, confidence=Confidence.LOW, detail=f.detail + note)
+        for f in findings
+    )
+
+
+def _unattributed_verdict(verdict: TransactionVerdict, origin: str) -> TransactionVerdict:
+    def item(i: ItemVerdict) -> ItemVerdict:
+        return i._replace(findings=_unattributed(i.findings, origin)) if i.findings else i
+
+    return TransactionVerdict(
+        tuple(item(i) for i in verdict.pdus),
+        tuple(item(i) for i in verdict.edus),
+        _unattributed(verdict.findings, origin),
+    )
 
 
 def _unavailable_findings(verdict: TransactionVerdict) -> list[Finding]:

@@ -39,12 +39,26 @@ class FlowState:
 
 
 def request_auth(flow: http.HTTPFlow) -> XMatrixAuth | None:
-    """The first well-formed X-Matrix Authorization header, if any."""
+    """The request's X-Matrix credentials; None when it has none, when one of its X-Matrix
+    headers is malformed, or when they disagree on origin or destination.
+
+    Synapse reads every X-Matrix header and authenticates the request as the origin of
+    the last one (synapse/federation/transport/server/_base.py, authenticate_request), so
+    judging by any other one would let a request be checked as one server and accepted as
+    another. Several credentials of one origin (one per key, as the spec's example signs)
+    are fine: the first is verified."""
+    found: XMatrixAuth | None = None
     for value in flow.request.headers.get_all("authorization"):
+        if value[:8].lower() != "x-matrix":  # Synapse: startswith(b"X-Matrix")
+            continue
         auth = parse_xmatrix(value)
-        if auth is not None:
-            return auth
-    return None
+        if auth is None:
+            return None
+        if found is None:
+            found = auth
+        elif (auth.origin, auth.destination) != (found.origin, found.destination):
+            return None
+    return found
 
 
 _STATES: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from rules.findings import Finding, Rule
+from rules.findings import Finding, Rule, refuses_deliverer_only
 
 __all__ = ["LEAK_RULES", "RefusedEvents", "query_leaks"]
 
@@ -32,7 +32,6 @@ AUTHOR_REFUSED = frozenset(
         Rule.PARTICIPATION_SENDER,
     }
 )
-_ORIGIN_ONLY = frozenset({Rule.ACL_ORIGIN, Rule.POLICY_ORIGIN, Rule.PARTICIPATION_ORIGIN})
 # What `modgud leaks` reports: events that got (or tried to get) past a refusal through
 # another server, events built on them, EDUs speaking for another server's users, our own
 # server sending a room's events to a server refused in it, and events of refused servers
@@ -73,7 +72,7 @@ class RefusedEvents:
         for f in findings:
             if f.rule not in AUTHOR_REFUSED or not (f.room_id and f.event_id and f.sender_server):
                 continue
-            if f.rule in _ORIGIN_ONLY and f.sender_server != f.origin:
+            if refuses_deliverer_only((f,)):
                 continue  # a refused server delivered it, but another one wrote it
             self.add(f.room_id, f.event_id, f.sender_server)
 

@@ -66,6 +66,10 @@ PULLS: Mapping[str, tuple[str, ...]] = {
     "send_join": ("state", "auth_chain"),
 }
 MAX_PULLED_EVENTS = 5000
+# Answers read at most: Synapse's own limit is 100 MiB (500 MiB for /send_join and
+# /state, which it parses as a stream); modgud decodes an answer whole, and 5,000 events
+# (MAX_PULLED_EVENTS) of a few KiB each fit well within this.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # State that decides which servers may receive a room's events.
 _DESTINATION_STATE = frozenset(
     {"m.room.server_acl"} | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
@@ -221,15 +225,21 @@ class OutboundWatcher:
         body = _without_refused(request_body(flow), verdict)
         if body is None:
             return "mixed"
+        try:
+            auth = sign_request(
+                flow.request.method,
+                flow.request.path,
+                runtime.config.server_name,
+                destination,
+                json.loads(body),
+                key,
+            )
+        except (ValueError, TypeError, RecursionError):
+            # Not canonical JSON (a lone surrogate, say): it cannot be signed, so it goes
+            # out as it is. Signed first, changed after: never a new body with the old
+            # signature, which the destination would refuse.
+            return "mixed"
         flow.request.content = body
-        auth = sign_request(
-            flow.request.method,
-            flow.request.path,
-            runtime.config.server_name,
-            destination,
-            json.loads(body),
-            key,
-        )
         flow.request.headers.set_all("authorization", [auth])
         return "rebuilt"
 
@@ -254,7 +264,22 @@ class OutboundWatcher:
         assert flow.response is not None
         config = runtime.config
         responder = destination_of(flow)
-        answer, reason = parse_json_body(flow.response.content or b"")
+        body = _readable_answer(flow.response)
+        if body is None:
+            return
+        if len(body) > MAX_ANSWER_BYTES:
+            # Not parsed: decoded, it would take several times its size in memory. The
+            # event hook still judges every event of it that the homeserver keeps.
+            runtime.metrics.fail_open.labels("outbound").inc()
+            logger.warning(
+                "answer of %d bytes from %s to our %s not checked (over %d)",
+                len(body),
+                responder[:100],
+                name,
+                MAX_ANSWER_BYTES,
+            )
+            return
+        answer, reason = parse_json_body(body)
         if reason is not None or not isinstance(answer, dict):
             return  # the homeserver itself refuses an answer it cannot read
         pdus = _answer_pdus(name, answer, responder)
@@ -328,6 +353,17 @@ class OutboundWatcher:
         except ValueError as e:
             logger.warning("event index unreadable: %s", e)
             return {}
+
+
+def _readable_answer(response: http.Response) -> bytes | None:
+    """An answer's bytes as the homeserver reads them; None for a content-encoded one.
+    Synapse does not decode a federation answer (it refuses a compressed one as not
+    JSON), and decoding it here would let a small compressed answer expand without bound,
+    so modgud reads the raw bytes and leaves an encoded answer alone."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return None
+    return response.raw_content or b""
 
 
 def _answer_pdus(name: str, answer: dict[str, Any], responder: str) -> list[Pdu]:

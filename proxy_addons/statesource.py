@@ -61,6 +61,8 @@ class SynapseAdminStateSource:
                 if resp.status != 200:
                     raise StateError(f"state request for {room_id} answered {resp.status}")
                 body = await resp.json(content_type=None)
+        except TimeoutError:  # the session's total timeout: not an aiohttp.ClientError
+            raise StateError(f"state request for {room_id} timed out") from None
         except (aiohttp.ClientError, ValueError) as e:
             raise StateError(
                 f"state request for {room_id} failed: {e.__class__.__name__}: {e}"

@@ -10,7 +10,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Confidence", "Decision", "Finding", "Rule", "Severity"]
+__all__ = [
+    "DELIVERER_RULES",
+    "Confidence",
+    "Decision",
+    "Finding",
+    "Rule",
+    "Severity",
+    "refuses_deliverer_only",
+]
 
 
 class Decision(enum.Enum):
@@ -73,3 +81,15 @@ class Finding:
     origin: str | None = None
     attributed_to: str | None = None
     confidence: Confidence = Confidence.HIGH
+
+
+# Rules about the server that delivered an item, not about who wrote it.
+DELIVERER_RULES = frozenset({Rule.ACL_ORIGIN, Rule.POLICY_ORIGIN, Rule.PARTICIPATION_ORIGIN})
+
+
+def refuses_deliverer_only(findings: tuple[Finding, ...]) -> bool:
+    """Whether these findings hold only against the server that delivered an event
+    written by another server: the same event delivered by a permitted server is fine."""
+    return bool(findings) and all(
+        f.rule in DELIVERER_RULES and f.sender_server != f.origin for f in findings
+    )

@@ -58,9 +58,12 @@ def parse_xmatrix(header_value: str) -> XMatrixAuth | None:
     try:
         for param in _SPLIT.split(header_value[scheme.end() :].strip()):
             name, sep, value = param.partition("=")
-            if not sep:
+            name = name.strip().lower()
+            # A name given twice (two credentials folded into one header, say): Synapse
+            # keeps the last value, and which one counts must never be a guess.
+            if not sep or name in params:
                 return None
-            params[name.strip().lower()] = _unquote(value.strip())
+            params[name] = _unquote(value.strip())
     except ValueError:
         return None
     origin, key_id, sig = params.get("origin"), params.get("key"), params.get("sig")

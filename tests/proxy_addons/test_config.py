@@ -136,6 +136,48 @@ def test_broken_yaml_names_the_line(tmp_path):
     assert "not valid YAML" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("!!int x\n", "not valid YAML: 'x' is not a valid tag:yaml.org,2002:int"),
+        (MINIMAL + "max_body_bytes: !!int 0x_\n", "not valid YAML"),
+        (MINIMAL + "mode: !!bool maybe\n", "not valid YAML"),
+        (MINIMAL + "mode: !!timestamp 2001-13-45\n", "not valid YAML"),
+        (MINIMAL + "mode: !!timestamp 2001-13-45 x\n", "not valid YAML"),
+        (MINIMAL + "max_body_bytes: " + "1" * 5000 + "\n", "not valid YAML"),
+        (MINIMAL + "hook: &a {x: *a}\n", "an alias refers to itself"),
+        ("&a [*a]\n", "an alias refers to itself"),
+        ("[" * 1000, "nested too deeply"),
+        (MINIMAL + "? [a]\n: 1\n", "a key must be a plain value"),
+        (MINIMAL + "listen: {inbound: '0.0.0.0:\u00b2'}\n", "expected host:port"),
+        (MINIMAL + "listen: {inbound: '0.0.0.0:" + "1" * 4400 + "'}\n", "expected host:port"),
+        (MINIMAL + "tls: {certificate: " + "a" * 5000 + ", key: k}\n", "no such file"),
+        ("server_name: a.test\nupstream: http://[::1\n", "http(s)://"),
+        ("server_name: a.test\nupstream: http://a.test:99999\n", "http(s)://"),
+        (MINIMAL + 'hook: {token_file: "a\\0b"}\n', "contains a NUL character"),
+        (MINIMAL + "state: {ttl_seconds: " + "9" * 400 + "}\n", "not that many"),
+        (MINIMAL + "policy: {refresh_seconds: .nan}\n", "must be positive"),
+    ],
+)
+def test_hostile_yaml_is_a_config_error(tmp_path, text, message):
+    """What fuzzing load_config found raising ValueError, KeyError, AttributeError,
+    OverflowError or RecursionError (tags their values do not fit, self-referring aliases, deep nesting,
+    huge numbers, non-ASCII digits, bad URLs, NUL in a path, a file name too long) is a
+    ConfigError."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in info.value.message
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
+    """Invalid UTF-8 is a ConfigError with its line (found by fuzzing: UnicodeDecodeError)."""
+    path = tmp_path / "modgud.yaml"
+    path.write_bytes(MINIMAL.encode() + b"mode: \xff\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.line == 3 and "not UTF-8" in info.value.message
+
+
 def test_missing_file(tmp_path):
     """A missing config file is a ConfigError naming the path."""
     with pytest.raises(ConfigError) as info:

@@ -148,6 +148,29 @@ async def test_without_the_key_a_mixed_transaction_goes_out_flagged(outbound_run
     ]
 
 
+async def test_a_mixed_transaction_that_cannot_be_signed_goes_out_as_it_is(outbound_runtime):
+    """A kept event with a lone surrogate (a JSON escape) is not canonical JSON, so the
+    rebuilt transaction cannot be signed. Found by fuzzing: the body was changed first and
+    signing then raised, an internal error that sent the new body with the old signature;
+    now it goes out untouched, flagged, like a mixed transaction without the key."""
+    holder = outbound_runtime()
+    fine = {**pdu("@a:hs.test", room_id=OPEN_ROOM), "content": {"body": "\ud800"}}
+    content = {"origin": LOCAL, "pdus": [pdu("@a:hs.test"), fine], "edus": []}
+    body = json.dumps(content).encode()
+    auth = sign_request("PUT", "/_matrix/federation/v1/send/1", LOCAL, "denied.test", {}, HS_KEY)
+    request = http.Request.make(
+        "PUT", "https://denied.test/_matrix/federation/v1/send/1", body, {"Authorization": auth}
+    )
+    flow = await run(holder, proxied(tflow.tflow(req=request)))
+    assert flow.response is None
+    assert (flow.request.content, flow.request.headers["Authorization"]) == (body, auth)
+    registry = holder.runtime.metrics.registry
+    assert not registry.get_sample_value("modgud_internal_errors_total", {"where": "outbound"})
+    assert [(r["rule"], r["action"]) for r in recorded_findings(holder)] == [
+        ("leak.outbound", "flagged")
+    ]
+
+
 async def test_audit_mode_and_a_flag_setting_only_record(outbound_runtime):
     for holder in (
         outbound_runtime(mode="audit"),

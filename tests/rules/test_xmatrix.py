@@ -49,6 +49,24 @@ def test_parse_xmatrix(header, expected):
     assert parse_xmatrix(header) == expected
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        'X-Matrix origin="a.org",key="ed25519:1",sig="abc",origin="b.org"',
+        'X-Matrix origin="a.org",key="ed25519:1",sig="abc",SIG="def"',
+        'X-Matrix origin="a.org",destination="b.org",key="ed25519:1",sig="s",destination="c.org"',
+        # two credentials folded into one header, as HTTP allows for repeated headers
+        'X-Matrix origin="a.org",key="ed25519:1",sig="s",X-Matrix origin="b.org",key="ed25519:1",'
+        'sig="t"',
+    ],
+)
+def test_a_parameter_given_twice_is_refused(header):
+    """Synapse keeps the last of a repeated parameter; which value counts must never be
+    a guess between modgud and the homeserver, so such a header is not valid X-Matrix
+    (a request with it is answered 401 and blames nobody)."""
+    assert parse_xmatrix(header) is None
+
+
 KEY = generate_signing_key("1")
 PATH = "/_matrix/federation/v1/send/t1?x=1"
 BODY = {"origin": "a.org", "pdus": [], "edus": []}
