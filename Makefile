@@ -65,6 +65,12 @@ bench: venv synapse deps
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
 	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.synapse
 
+## Fuzz (docs/RELIABILITY.md): every parser and addon, a fixed seed, 4,000 cases per test
+## (over 100,000 in all); `make check` runs the same tests with 100 derandomized cases each.
+fuzz: venv
+	MODGUD_FUZZ_EXAMPLES=$${MODGUD_FUZZ_EXAMPLES:-4000} $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/fuzz --hypothesis-seed=$${FUZZ_SEED:-20261123}
+
 ## Soak (docs/RELIABILITY.md): 10 minutes at 80 % of the measured maximum against a real
 ## Synapse with scenario traffic; fails on any error, lost message or memory growth.
 soak: venv synapse

@@ -43,6 +43,8 @@ __all__ = ["EventHook", "evaluate_event", "make_app", "quick_decision"]
 logger = logging.getLogger(__name__)
 
 HOOK_SWITCH_INTERVAL = 0.0005
+# Synapse caps events at 64 KiB; a hook call carries one, in the client format.
+MAX_HOOK_BODY = 1024 * 1024
 
 
 def _allow() -> web.Response:
@@ -66,6 +68,19 @@ def _unauthorized() -> web.Response:
     )
 
 
+async def _read_json(request: web.Request) -> tuple[object, web.Response | None]:
+    """The call's JSON body, or the answer to give instead: 413 over the size limit
+    (synapse-http-antispam then applies its own fail_open), 400 for anything not JSON."""
+    try:
+        return await request.json(), None
+    except web.HTTPRequestEntityTooLarge:
+        logger.warning("hook call %s over %d bytes refused", request.path, MAX_HOOK_BODY)
+        error = {"errcode": "M_TOO_LARGE", "error": "modgud: hook call body too large"}
+        return None, web.json_response(error, status=413)
+    except (ValueError, LookupError, RecursionError):  # not JSON, bad charset, too deep
+        return None, web.json_response({"errcode": "M_NOT_JSON", "error": "not JSON"}, status=400)
+
+
 def _refuse(reason: str) -> web.Response:
     return web.json_response({"errcode": "M_FORBIDDEN", "error": reason}, status=403)
 
@@ -78,10 +93,13 @@ def note_state_change(
     room_id = event.get("room_id")
     if not isinstance(room_id, str):
         return
-    if event.get("type") in RELEVANT_STATE_TYPES and isinstance(event.get("state_key"), str):
+    event_type = event.get("type")
+    if not isinstance(event_type, str):  # any JSON: a list or an object is unhashable
+        return
+    if event_type in RELEVANT_STATE_TYPES and isinstance(event.get("state_key"), str):
         runtime.state.mark_stale(room_id)  # one attribute: safe from the hook's thread
         _call_on(main_loop, runtime.mark_stale, room_id)  # and the refetches after it
-    if runtime.policy.watches(room_id, event.get("type")):
+    if runtime.policy.watches(room_id, event_type):
         _call_on(main_loop, runtime.policy.mark_stale)
 
 
@@ -200,10 +218,11 @@ def make_app(
                 decided_by = "unauthorized"
                 answer = _unauthorized()
                 return answer
-            try:
-                body = await request.json()
-            except ValueError:
-                body = None
+            body, problem = await _read_json(request)
+            if problem is not None:
+                decided_by = "malformed"
+                answer = problem
+                return answer
             event = body.get("event") if isinstance(body, dict) else None
             if not isinstance(event, dict):
                 decided_by = "malformed"
@@ -245,10 +264,20 @@ def make_app(
         answer = _allow()
         started = time.perf_counter()
         try:
-            body = await request.json()
+            body, problem = await _read_json(request)
+            if problem is not None:
+                answer = problem
+                return answer
+            if not isinstance(body, dict):
+                body = {}
             inviter, invitee, room_id = (body.get(k) for k in ("inviter", "invitee", "room_id"))
-            if not all(isinstance(v, str) for v in (inviter, invitee, room_id)):
-                return web.json_response({"errcode": "M_BAD_JSON", "error": "bad body"}, status=400)
+            if not (
+                isinstance(inviter, str) and isinstance(invitee, str) and isinstance(room_id, str)
+            ):
+                answer = web.json_response(
+                    {"errcode": "M_BAD_JSON", "error": "bad body"}, status=400
+                )
+                return answer
             answer = await _on_main(main_loop, decide_invite(runtime, inviter, invitee, room_id))
             return answer
         except Exception:
@@ -267,10 +296,7 @@ def make_app(
             )
 
     async def ping(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
+        body, _ = await _read_json(request)
         req_id = body.get("id") if isinstance(body, dict) else None
         return web.json_response({"id": req_id, "status": "ok"})
 
@@ -279,7 +305,7 @@ def make_app(
         # in synapse-http-antispam never refuses anything by accident.
         return _allow()
 
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=MAX_HOOK_BODY)
     app.router.add_post("/check_event_for_spam", check_event_for_spam)
     # A remote server's invite is an event like any other: judged as check_event_for_spam.
     app.router.add_post("/federated_user_may_invite", check_event_for_spam)

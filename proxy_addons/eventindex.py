@@ -19,7 +19,7 @@ from typing import Any
 
 from rules.federation import Pdu
 
-__all__ = ["EVENT_COLUMNS", "EventIndex", "IndexBatch", "lookup_events"]
+__all__ = ["EVENT_COLUMNS", "EventIndex", "IndexBatch", "lookup_events", "storable"]
 
 EVENT_COLUMNS = (
     "room_id",
@@ -54,6 +54,16 @@ UPSERT = (
     "',' || excluded.first_origin || ',') > 0 THEN delivered_by "
     "ELSE substr(delivered_by || ',' || excluded.first_origin, 1, 2000) END"
 )
+
+
+def storable(text: str) -> str:
+    """`text` as SQLite can store it (UTF-8). Text from traffic can hold lone surrogates —
+    a JSON string may escape one (`"\\ud800"`), mitmproxy decodes a path's invalid bytes
+    to them — and one such string makes sqlite3 raise UnicodeEncodeError, which the
+    store's writer thread does not survive. They are kept as their escapes."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class IndexBatch:
@@ -106,10 +116,12 @@ class EventIndex:
                 self._previous, self._current = current, set()
                 current = self._current
             event_id = event_ids.get(pdu.position) if event_ids else None
+            if event_id is not None:
+                event_id = storable(event_id)  # room v1/v2: the ID is what the PDU says
             rows.append(
                 (
-                    pdu.room_id,
-                    content_hash,
+                    storable(pdu.room_id),
+                    storable(content_hash),
                     event_id,
                     pdu.sender_server,
                     origin,

@@ -102,6 +102,8 @@ class OperatorPolicySource:
         self._wake: asyncio.Event | None = None
 
     def watches(self, room_id: str, event_type: object) -> bool:
+        if not isinstance(event_type, str):  # the hook's events: any JSON, maybe unhashable
+            return False
         if room_id in self.rooms and event_type in RULE_TYPES:
             return True
         return event_type in SPACE_TYPES and (

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import Counter
 
+from proxy_addons.eventindex import storable
 from proxy_addons.metrics import LEAK_KINDS
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import FindingRecord
@@ -26,7 +27,8 @@ def record_findings(
     txn_id: str | None = None,
     direction: str = "inbound",
 ) -> int:
-    """Queue findings for SQLite and count them; returns how many."""
+    """Queue findings for SQLite and count them; returns how many. Text from traffic is
+    made storable (see eventindex.storable)."""
     now = time.time()
     records = [
         FindingRecord(
@@ -35,17 +37,17 @@ def record_findings(
             action=action,
             severity=str(f.severity),
             direction=direction,
-            room_id=f.room_id,
-            event_id=f.event_id,
-            event_type=f.event_type,
-            sender=f.sender,
+            room_id=_storable(f.room_id),
+            event_id=_storable(f.event_id),
+            event_type=_storable(f.event_type),
+            sender=_storable(f.sender),
             sender_server=f.sender_server,
             origin=f.origin,
             attributed_to=f.attributed_to,
             confidence=str(f.confidence),
             endpoint=endpoint,
-            txn_id=txn_id,
-            detail=f.detail,
+            txn_id=_storable(txn_id),
+            detail=storable(f.detail),
         )
         for f in findings
     ]
@@ -60,6 +62,10 @@ def record_findings(
             if server is not None:
                 metrics.server_findings.labels(server, r.rule).inc()
     return len(records)
+
+
+def _storable(text: str | None) -> str | None:
+    return None if text is None else storable(text)
 
 
 def count_items(

@@ -264,7 +264,14 @@ class FindingStore:
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
-            except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError):
+            except (
+                sqlite3.IntegrityError,
+                sqlite3.InterfaceError,
+                sqlite3.ProgrammingError,
+                UnicodeEncodeError,  # text SQLite cannot store (a lone surrogate)
+                ValueError,
+                TypeError,
+            ):
                 # Not the disk's fault: retrying would wedge the writer on this batch.
                 logger.exception("store: %d records cannot be written; dropped", size)
                 self.dropped += size

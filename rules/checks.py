@@ -404,7 +404,8 @@ def is_legitimate_relay(pdu: Pdu) -> bool:
     if pdu.event_type != "m.room.member" or pdu.state_key != pdu.sender:
         return False
     content = pdu.event.get("content")
-    return isinstance(content, Mapping) and content.get("membership") in _PASSED_ON
+    membership = content.get("membership") if isinstance(content, Mapping) else None
+    return isinstance(membership, str) and membership in _PASSED_ON
 
 
 def _event_refusals(

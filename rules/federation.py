@@ -132,8 +132,8 @@ def parse_json_body(body: bytes) -> tuple[object, str | None]:
     """
     try:
         return _DECODER.decode(body), None
-    except (msgspec.DecodeError, RecursionError):
-        pass
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        pass  # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string
     return _parse_json_stdlib(body)
 
 

@@ -86,13 +86,16 @@ class BanList:
             if not isinstance(content, Mapping):
                 continue
             entity = content.get("entity")
-            if not isinstance(entity, str) or content.get("recommendation") not in (
-                BAN_RECOMMENDATIONS
-            ):
+            recommendation = content.get("recommendation")
+            event_type = event.get("type")
+            # Strings first: a list or an object is unhashable, and the sets would raise.
+            if not isinstance(entity, str) or not isinstance(recommendation, str):
                 continue
-            if event.get("type") in SERVER_RULE_TYPES:
+            if not isinstance(event_type, str) or recommendation not in BAN_RECOMMENDATIONS:
+                continue
+            if event_type in SERVER_RULE_TYPES:
                 servers.append(entity)
-            elif event.get("type") in USER_RULE_TYPES:
+            elif event_type in USER_RULE_TYPES:
                 users.append(entity)
         return cls(servers, users)
 

@@ -3,7 +3,8 @@ the space's ACL then binds those rooms. The state source is a table of state eve
 
 from __future__ import annotations
 
-from proxy_addons.operatorpolicy import walk_space
+from proxy_addons.config import load_config
+from proxy_addons.operatorpolicy import OperatorPolicySource, walk_space
 from rules.policy import Barrier, OperatorPolicy, authorise_server
 from rules.roomstate import room_policy_from_state
 
@@ -55,3 +56,18 @@ async def test_space_acl_binds_its_rooms_only():
         refusal is not None and refusal.barrier is Barrier.ACL and "space !space" in refusal.reason
     )
     assert authorise_server("evil.test", outside, policy) is None
+
+
+def test_watches_answers_for_event_types_of_any_shape(tmp_path):
+    """The hook passes the event's `type` as it came: a list or an object (found by
+    fuzzing: unhashable, it raised TypeError) is simply not a watched type."""
+    cfg = tmp_path / "modgud.yaml"
+    cfg.write_text(
+        "server_name: hs.test\nupstream: http://127.0.0.1:1\n"
+        "policy: {policy_lists: ['!bans'], spaces: ['!space']}\n"
+    )
+    source = OperatorPolicySource(load_config(cfg), fetch)
+    assert source.watches("!bans", "m.policy.rule.server")
+    for event_type in (["m.policy.rule.server"], {"a": 1}, None, 5):
+        assert not source.watches("!bans", event_type)
+        assert not source.watches("!space", event_type)

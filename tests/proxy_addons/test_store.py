@@ -163,3 +163,17 @@ def test_beyond_max_pending_index_rows_yield_first_and_are_counted(tmp_path):
     assert store.flush(10)
     assert len(list(query_findings([db]))) == 10
     store.close()
+
+
+def test_a_record_sqlite_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path):
+    """A record whose text SQLite cannot encode (a lone surrogate) costs its batch, counted
+    in `dropped`, and never the writer thread: the next records are written."""
+    db = str(tmp_path / "m.db")
+    store = FindingStore(db, flush_interval=0.02)
+    store.record([replace(record(1.0), detail="\ud800")])
+    assert store.flush(5)
+    assert store.dropped == 1
+    store.record([record(2.0)])
+    assert store.flush(5)
+    assert [r["ts"] for r in query_findings([db])] == [2.0]
+    store.close()

@@ -172,6 +172,14 @@ def test_fast_decoder_edge_cases(raw):
     assert repr(parse_json_body(raw)) == repr(_parse_json_stdlib(raw))
 
 
+@pytest.mark.parametrize("raw", [b'"\x80"', b'{"a": "\xff"}', b'["\xc3"]'])
+def test_invalid_utf8_inside_a_string_is_a_reason_not_an_exception(raw):
+    """msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 inside a
+    string (found by fuzzing: it escaped parse_json_body, an internal error at the edge's
+    request-signature check and a crash of the outbound watcher's pull check)."""
+    assert parse_json_body(raw) == (None, "body is not UTF-8")
+
+
 def test_sender_server_check_is_per_pdu_despite_the_per_transaction_memo():
     """The server-name memo must not let one PDU's malformed sender decide another's."""
     pdus = [pdu(sender="u:a.test"), pdu(sender="@u:a.test"), pdu(sender="@v"), pdu(sender="@")]

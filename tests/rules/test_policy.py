@@ -122,6 +122,27 @@ def test_ban_list_from_policy_room_state():
     assert bans.bans_user("@spammer:x.test") and not bans.bans_user("@ham:x.test")
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"type": "m.policy.rule.server", "content": {"entity": "*", "recommendation": []}},
+        {"type": "m.policy.rule.server", "content": {"entity": "*", "recommendation": {}}},
+        {"type": ["m.policy.rule.server"], "content": {"entity": "*", "recommendation": "m.ban"}},
+        {"type": {}, "content": {"entity": "*", "recommendation": "m.ban"}},
+    ],
+)
+def test_ban_list_skips_rules_with_unhashable_fields(rule):
+    """A rule whose recommendation or type is a list or an object (found by fuzzing: it
+    raised TypeError, and one such event in a policy room stopped every refresh of the
+    policy lists) is skipped like any other malformed rule."""
+    good = {
+        "type": "m.policy.rule.server",
+        "content": {"entity": "x.test", "recommendation": "m.ban"},
+    }
+    bans = BanList.from_state([rule, good])
+    assert bans.servers == ("x.test",) and bans.users == ()
+
+
 def pdu(sender, event_type="m.room.message", content=None, state_key=None, signatures=None):
     event = {
         "room_id": ROOM,
@@ -307,6 +328,15 @@ def test_relayed_detector_and_its_legitimate_relays(
     item = check_pdu(event, "leaky.test", {ROOM: state()}, fail_open=True)
     assert (Rule.LEAK_RELAYED in [f.rule for f in item.findings]) is relayed
     assert item.decision is Decision.ALLOW
+
+
+@pytest.mark.parametrize("membership", [["join"], {"join": 1}])
+def test_relayed_detector_with_an_unhashable_membership(membership):
+    """A relayed member event whose membership is a list or an object (found by fuzzing:
+    it raised TypeError, an internal error at the edge) is not a legitimate relay."""
+    event = pdu("@x:other.test", "m.room.member", {"membership": membership}, "@x:other.test")
+    item = check_pdu(event, "leaky.test", {ROOM: state()}, fail_open=True)
+    assert Rule.LEAK_RELAYED in [f.rule for f in item.findings]
 
 
 def test_outbound_push_is_refused_per_room_by_acl_policy_list_and_participation():
