@@ -60,10 +60,13 @@ unit: venv
 
 ## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline,
 ## a real Synapse behind modgud against behind nginx.
+## Ends with one table of every figure against its target.
 bench: venv synapse deps
 	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
+	  export BENCH_RESULTS=$$(mktemp); \
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
-	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.synapse
+	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.synapse && \
+	  $(PY) -m tests.bench.results $$BENCH_RESULTS
 
 ## Fuzz (docs/RELIABILITY.md): every parser and addon, a fixed seed, 4,000 cases per test
 ## (over 100,000 in all); `make check` runs the same tests with 100 derandomized cases each.
