@@ -14,9 +14,9 @@ at most `state.hook_timeout_seconds` for room state.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hmac
 import logging
+import socket
 import sys
 import threading
 import time
@@ -324,43 +324,45 @@ class EventHook:
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
 
-    async def running(self) -> None:
+    def running(self) -> None:
+        """Bind the port here, so a taken port fails modgud's start; serve on the thread.
+
+        Synchronous on purpose: mitmproxy's listeners already accept clients, and any
+        await inside the `running` event would let one in before mitmproxy's own TLS
+        addon is ready (it then fails the connection and mitmproxy exits)."""
         runtime = self.holder.runtime
         if runtime is None or runtime.config.hook is None or self._thread is not None:
             return
         listen = runtime.config.hook
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.create_server((listen.host, listen.port), family=family)
         main_loop = asyncio.get_running_loop()
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         # A thread waiting for the GIL gets it after at most this long (default 5 ms).
         sys.setswitchinterval(HOOK_SWITCH_INTERVAL)
         self._thread = threading.Thread(
-            target=self._serve, args=(main_loop, ready), name="modgud-hook", daemon=True
+            target=self._serve, args=(main_loop, sock), name="modgud-hook", daemon=True
         )
         self._thread.start()
-        await asyncio.wrap_future(ready)
         logger.info("event hook listening on http://%s", listen)
 
-    def _serve(
-        self, main_loop: asyncio.AbstractEventLoop, ready: concurrent.futures.Future[None]
-    ) -> None:
-        runtime = self.holder.runtime
-        assert runtime is not None and runtime.config.hook is not None
-        listen = runtime.config.hook
+    def _serve(self, main_loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         loop = asyncio.new_event_loop()
-        self._loop = loop
+        runner = web.AppRunner(make_app(self.holder, main_loop), access_log=None)
         try:
-            runner = web.AppRunner(make_app(self.holder, main_loop), access_log=None)
             loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, listen.host, listen.port).start())
-            self._runner = runner
-        except BaseException as e:  # e.g. the port is taken: running() raises it
-            ready.set_exception(e)
+            loop.run_until_complete(web.SockSite(runner, sock).start())
+        except Exception:
+            logger.exception("the event hook could not start")
+            sock.close()
             loop.close()
+            self._started.set()
             return
-        ready.set_result(None)
+        self._loop, self._runner = loop, runner
+        self._started.set()
         try:
             loop.run_forever()
         finally:
@@ -368,9 +370,11 @@ class EventHook:
             loop.close()
 
     async def done(self) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
+        thread = self._thread
+        if thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(self._started.wait, 10)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
         await asyncio.to_thread(thread.join, 10)
         self._thread = self._loop = self._runner = None

@@ -234,7 +234,7 @@ async def test_hook_answers_on_its_own_thread_while_the_main_loop_is_busy(make_r
     port = free_port()
     holder = make_runtime(extra=f"hook: {{listen: '127.0.0.1:{port}'}}\n")
     hook = EventHook(holder)
-    await hook.running()
+    hook.running()
     try:
         answers = []
         caller = threading.Thread(
@@ -250,5 +250,17 @@ async def test_hook_answers_on_its_own_thread_while_the_main_loop_is_busy(make_r
         await hook.done()
     # Stopped cleanly: the port is free for the next start.
     again = EventHook(holder)
-    await again.running()
+    again.running()
     await again.done()
+
+
+def test_running_never_yields_to_the_event_loop():
+    """mitmproxy's listeners accept clients before the `running` event is over; an await
+    in a `running` hook lets one in before mitmproxy's TLS addon has its certificates, and
+    mitmproxy then exits ("Errors logged during startup"). Seen in CI: the hook's running
+    must stay synchronous, binding its port there and serving on its thread."""
+    import inspect
+
+    from proxy_addons.eventhook import EventHook
+
+    assert not inspect.iscoroutinefunction(EventHook.running)

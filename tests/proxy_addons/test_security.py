@@ -666,7 +666,7 @@ async def test_listeners_bind_where_the_config_says(make_runtime):
     )
     exporter, hook = MetricsExporter(holder), EventHook(holder)
     exporter.running()
-    await hook.running()
+    hook.running()
     try:
         assert exporter._server.server_address[:2] == ("127.0.0.1", metrics_port)
         sites = list(hook._runner.sites)
