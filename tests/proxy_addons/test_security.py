@@ -669,8 +669,9 @@ async def test_listeners_bind_where_the_config_says(make_runtime):
     hook.running()
     try:
         assert exporter._server.server_address[:2] == ("127.0.0.1", metrics_port)
+        assert hook._started.wait(10)  # the hook serves from its own thread
         sites = list(hook._runner.sites)
-        assert [s.name for s in sites] == [f"http://127.0.0.1:{hook_port}"]
+        assert [s._sock.getsockname()[:2] for s in sites] == [("127.0.0.1", hook_port)]
         for port in (metrics_port, hook_port):
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 pass
