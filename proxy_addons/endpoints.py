@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-__all__ = ["Endpoint", "EndpointClass", "classify_path"]
+__all__ = ["ROOM_DATA", "Endpoint", "EndpointClass", "classify_path"]
 
 
 class EndpointClass(enum.StrEnum):
@@ -34,22 +34,25 @@ class Endpoint:
 
 
 _FED = re.compile(r"^/_matrix/federation/(v1|v2)/([a-z_]+)(?:/([^?]*))?")
-_ROOM_DATA = {
-    "make_join",
-    "send_join",
-    "make_leave",
-    "send_leave",
-    "invite",
-    "make_knock",
-    "send_knock",
-    "state",
-    "state_ids",
-    "backfill",
-    "event_auth",
-    "get_missing_events",
-    "timestamp_to_event",
-    "hierarchy",
-}
+# Room-data endpoints: an ACL-denied origin is refused on these (spec: Server ACLs).
+ROOM_DATA = frozenset(
+    {
+        "make_join",
+        "send_join",
+        "make_leave",
+        "send_leave",
+        "invite",
+        "make_knock",
+        "send_knock",
+        "state",
+        "state_ids",
+        "backfill",
+        "event_auth",
+        "get_missing_events",
+        "timestamp_to_event",
+        "hierarchy",
+    }
+)
 
 
 def classify_path(path: str) -> Endpoint:
@@ -64,7 +67,7 @@ def classify_path(path: str) -> Endpoint:
     parts = [unquote(p) for p in rest.split("/")] if rest else []
     if name == "send" and len(parts) == 1:
         return Endpoint(EndpointClass.SEND, "send", txn_id=parts[0])
-    if name in _ROOM_DATA and parts:
+    if name in ROOM_DATA and parts:
         event_id = parts[1] if len(parts) > 1 and parts[1].startswith("$") else None
         return Endpoint(EndpointClass.ROOM_DATA, name, room_id=parts[0], event_id=event_id)
     if name == "event" and len(parts) == 1:

@@ -10,6 +10,7 @@ from urllib.parse import quote
 from hypothesis import strategies as st
 from mitmproxy import http
 
+from proxy_addons.endpoints import ROOM_DATA as ENDPOINT_ROOM_DATA
 from rules.federation import parse_json_body
 from tests.fuzz.strategies import (
     dumps,
@@ -31,22 +32,7 @@ from tests.fuzz.world import LOCAL, ROOMS, SERVERS, SIGNING_KEYS
 
 __all__ = ["WireRequest", "answers", "inbound_requests", "make_request", "wire"]
 
-ROOM_DATA = (
-    "make_join",
-    "send_join",
-    "make_leave",
-    "send_leave",
-    "invite",
-    "make_knock",
-    "send_knock",
-    "state",
-    "state_ids",
-    "backfill",
-    "event_auth",
-    "get_missing_events",
-    "timestamp_to_event",
-    "hierarchy",
-)
+ROOM_DATA = sorted(ENDPOINT_ROOM_DATA)
 signers = st.sampled_from(sorted(SIGNING_KEYS))
 
 

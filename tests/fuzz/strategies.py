@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from hypothesis import strategies as st
 
+from proxy_addons.endpoints import ROOM_DATA
 from rules.roomversion import KNOWN_ROOM_VERSIONS, get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
@@ -489,20 +490,7 @@ def signed_header(
 FEDERATION_NAMES = (
     "send",
     "event",
-    "make_join",
-    "send_join",
-    "make_leave",
-    "send_leave",
-    "invite",
-    "make_knock",
-    "send_knock",
-    "state",
-    "state_ids",
-    "backfill",
-    "event_auth",
-    "get_missing_events",
-    "timestamp_to_event",
-    "hierarchy",
+    *sorted(ROOM_DATA),
     "query",
     "user",
     "publicRooms",

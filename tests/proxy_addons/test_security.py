@@ -45,6 +45,7 @@ from tests.proxy_addons.conftest import (
     run_edge,
     send_flow,
 )
+from tests.proxy_addons.test_eventhook import client_event, post
 from tests.proxy_addons.test_signature_cache import _trust
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,26 +103,6 @@ def signed(event, server):
 def evil(body="leak"):
     """An event denied.test really wrote."""
     return signed(pdu("@evil:denied.test", body=body), "denied.test")
-
-
-def hook_event(sender, event_id="$e1", room_id=ROOM, **extra):
-    return {
-        "event": {
-            "event_id": event_id,
-            "room_id": room_id,
-            "sender": sender,
-            "type": "m.room.message",
-            "content": {"body": "x"},
-            **extra,
-        }
-    }
-
-
-async def post_hook(holder, body, token=None, path="/check_event_for_spam"):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with TestClient(TestServer(make_app(holder))) as client:
-        resp = await client.post(path, json=body, headers=headers)
-        return resp.status, await resp.json()
 
 
 @pytest.fixture
@@ -276,7 +257,7 @@ async def test_unverifiable_origin_is_checked_but_blamed_for_nothing(make_runtim
         labels = {"server": "good.test", "outcome": outcome}
         assert registry.get_sample_value("modgud_server_requests_total", labels) is None
     # The hook judges the leaked event itself, by its author.
-    status, _ = await post_hook(holder, hook_event("@evil:denied.test", rows[0]["event_id"]))
+    status, _ = await post(holder, client_event("@evil:denied.test", rows[0]["event_id"]))
     assert status == 403
 
 
@@ -296,7 +277,7 @@ async def test_forged_delivery_leaves_no_verdict_against_the_real_event(make_run
     assert [(r["rule"], r["attributed_to"]) for r in recorded_findings(holder)] == [
         ("acl.origin", None)
     ]
-    assert await post_hook(holder, hook_event("@a:good.test", event_id)) == (200, {})
+    assert await post(holder, client_event("@a:good.test", event_id)) == (200, {})
 
 
 async def test_unverifiable_origin_of_a_room_data_request_is_refused_unblamed(make_runtime):
@@ -318,7 +299,7 @@ async def test_event_hook_never_blames_a_server_named_in_the_event(make_runtime)
     names good.test as its `origin` (a field anyone can set) is refused, and the finding
     names its author's server and blames no one."""
     holder = make_runtime()
-    status, body = await post_hook(holder, hook_event("@evil:denied.test", origin="good.test"))
+    status, body = await post(holder, client_event("@evil:denied.test", origin="good.test"))
     assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
     (row,) = recorded_findings(holder)
     assert (row["rule"], row["sender_server"], row["attributed_to"], row["origin"]) == (
@@ -474,7 +455,7 @@ async def test_event_hook_reads_no_body_over_its_limit(make_runtime, monkeypatch
     recorded (an event is at most 64 KiB; no genuine call comes near the limit)."""
     calls = _spy_on_hook_decisions(monkeypatch)
     holder = make_runtime()
-    event = hook_event("@evil:denied.test", pad="x" * HOOK_LIMIT)
+    event = client_event("@evil:denied.test", pad="x" * HOOK_LIMIT)
     async with TestClient(TestServer(make_app(holder))) as client:
         resp = await client.post(f"/{callback}", data=json.dumps(event).encode())
         assert resp.status in (200, 403, 413)
@@ -487,7 +468,7 @@ async def test_event_hook_answers_413_to_a_body_over_its_limit(make_runtime):
     fail-open setting), not counted as a modgud internal error nor answered as if modgud
     had decided."""
     holder = make_runtime(on_error="closed")
-    event = hook_event("@a:good.test", pad="x" * HOOK_LIMIT)
+    event = client_event("@a:good.test", pad="x" * HOOK_LIMIT)
     async with TestClient(TestServer(make_app(holder))) as client:
         resp = await client.post("/check_event_for_spam", data=json.dumps(event).encode())
         status = resp.status
@@ -884,11 +865,11 @@ async def test_hook_token_never_logged_on_a_wrong_token(make_runtime, tmp_path, 
     wrong = ADMIN_TOKEN  # a real secret presented by mistake must not be logged either
     for token in (wrong, None, HOOK_TOKEN + "x"):
         for path in ("/check_event_for_spam", "/user_may_invite"):
-            status, body = await post_hook(holder, hook_event("@a:good.test"), token, path)
+            status, body = await post(holder, client_event("@a:good.test"), token, path)
             assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
     assert any("bearer token" in r.getMessage() for r in caplog.records)
     assert_no_token(logged_text(caplog))
-    assert await post_hook(holder, hook_event("@a:good.test"), HOOK_TOKEN) == (200, {})
+    assert await post(holder, client_event("@a:good.test"), HOOK_TOKEN) == (200, {})
 
 
 # 5. SQL only with parameters ------------------------------------------------------------
