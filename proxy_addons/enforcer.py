@@ -214,27 +214,29 @@ class Enforcer:
         auth = state.auth
         config = runtime.config
         if auth is None:
-            finding = Finding(
-                Rule.BAD_REQUEST_SIGNATURE,
-                Severity.WARNING,
-                f"{state.endpoint.name} request without a valid X-Matrix Authorization header",
-                confidence=Confidence.LOW,
-            )
+            detail = f"{state.endpoint.name} request without a valid X-Matrix Authorization header"
             self._unauthorized(
-                runtime, flow, state, finding, "Missing or invalid X-Matrix authorization"
+                runtime,
+                flow,
+                state,
+                Severity.WARNING,
+                detail,
+                "Missing or invalid X-Matrix authorization",
             )
             return False
         if auth.destination is not None and auth.destination != config.server_name:
             # Signed for another server: Synapse answers 401 too ("Destination mismatch in
             # auth header"). Accepted, a request one server sent to another could be
             # replayed here and blamed on its origin.
-            finding = Finding(
-                Rule.BAD_REQUEST_SIGNATURE,
+            detail = f"X-Matrix destination {auth.destination[:100]!r} is not {config.server_name}"
+            self._unauthorized(
+                runtime,
+                flow,
+                state,
                 Severity.WARNING,
-                f"X-Matrix destination {auth.destination[:100]!r} is not {config.server_name}",
-                confidence=Confidence.LOW,
+                detail,
+                "Destination mismatch in auth header",
             )
-            self._unauthorized(runtime, flow, state, finding, "Destination mismatch in auth header")
             return False
         if not config.verify_signatures:
             return True
@@ -274,18 +276,24 @@ class Enforcer:
         if ok:
             state.origin_verified = True
             return True
-        finding = Finding(
-            Rule.BAD_REQUEST_SIGNATURE,
-            Severity.HIGH,
-            f"X-Matrix signature claiming origin {auth.origin[:100]} does not verify",
-            confidence=Confidence.LOW,
+        detail = f"X-Matrix signature claiming origin {auth.origin[:100]} does not verify"
+        self._unauthorized(
+            runtime, flow, state, Severity.HIGH, detail, "Invalid X-Matrix signature"
         )
-        self._unauthorized(runtime, flow, state, finding, "Invalid X-Matrix signature")
         return False
 
     def _unauthorized(
-        self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState, finding: Finding, error: str
+        self,
+        runtime: Runtime,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        severity: Severity,
+        detail: str,
+        error: str,
     ) -> None:
+        """A request whose origin is not authenticated: recorded blaming nobody (its claim is
+        unproven), and answered 401 when enforcing."""
+        finding = Finding(Rule.BAD_REQUEST_SIGNATURE, severity, detail, confidence=Confidence.LOW)
         self._record(runtime, state, [finding], rejected=runtime.config.enforcing)
         if runtime.config.enforcing:
             json_response(flow, 401, {"errcode": "M_UNAUTHORIZED", "error": error})
@@ -383,7 +391,8 @@ class Enforcer:
                 origin,
                 unverified,
             )
-        missing = _unavailable_findings(verdict)
+        unavailable = any(isinstance(room, StateUnavailable) for room in rooms.values())
+        missing = _unavailable_findings(verdict) if unavailable else []
         if missing and (config.fail_open or not config.enforcing):
             runtime.metrics.fail_open.labels("state").inc(len(missing))
             logger.warning(

@@ -59,8 +59,8 @@ UPSERT = (
 def storable(text: str) -> str:
     """`text` as SQLite can store it (UTF-8). Text from traffic can hold lone surrogates —
     a JSON string may escape one (`"\\ud800"`), mitmproxy decodes a path's invalid bytes
-    to them — and one such string makes sqlite3 raise UnicodeEncodeError, which the
-    store's writer thread does not survive. They are kept as their escapes."""
+    to them — and one such string makes sqlite3 raise UnicodeEncodeError. They are kept
+    as their escapes (by the store's writer, when a batch fails so)."""
     if text.isascii():
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -116,12 +116,10 @@ class EventIndex:
                 self._previous, self._current = current, set()
                 current = self._current
             event_id = event_ids.get(pdu.position) if event_ids else None
-            if event_id is not None:
-                event_id = storable(event_id)  # room v1/v2: the ID is what the PDU says
             rows.append(
                 (
-                    storable(pdu.room_id),
-                    storable(content_hash),
+                    pdu.room_id,
+                    content_hash,
                     event_id,
                     pdu.sender_server,
                     origin,

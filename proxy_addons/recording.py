@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import Counter
 
-from proxy_addons.eventindex import storable
 from proxy_addons.metrics import LEAK_KINDS
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import FindingRecord
@@ -27,8 +26,7 @@ def record_findings(
     txn_id: str | None = None,
     direction: str = "inbound",
 ) -> int:
-    """Queue findings for SQLite and count them; returns how many. Text from traffic is
-    made storable (see eventindex.storable)."""
+    """Queue findings for SQLite and count them; returns how many."""
     now = time.time()
     records = [
         FindingRecord(
@@ -37,17 +35,17 @@ def record_findings(
             action=action,
             severity=str(f.severity),
             direction=direction,
-            room_id=_storable(f.room_id),
-            event_id=_storable(f.event_id),
-            event_type=_storable(f.event_type),
-            sender=_storable(f.sender),
+            room_id=f.room_id,
+            event_id=f.event_id,
+            event_type=f.event_type,
+            sender=f.sender,
             sender_server=f.sender_server,
             origin=f.origin,
             attributed_to=f.attributed_to,
             confidence=str(f.confidence),
             endpoint=endpoint,
-            txn_id=_storable(txn_id),
-            detail=storable(f.detail),
+            txn_id=txn_id,
+            detail=f.detail,
         )
         for f in findings
     ]
@@ -62,10 +60,6 @@ def record_findings(
             if server is not None:
                 metrics.server_findings.labels(server, r.rule).inc()
     return len(records)
-
-
-def _storable(text: str | None) -> str | None:
-    return None if text is None else storable(text)
 
 
 def count_items(

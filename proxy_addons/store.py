@@ -26,7 +26,7 @@ import sqlite_utils
 
 from proxy_addons.eventindex import SCHEMA as EVENT_SCHEMA
 from proxy_addons.eventindex import UPSERT as EVENT_UPSERT
-from proxy_addons.eventindex import IndexBatch
+from proxy_addons.eventindex import IndexBatch, storable
 
 __all__ = [
     "FINDING_COLUMNS",
@@ -245,6 +245,7 @@ class FindingStore:
         index = [row for r in batch if isinstance(r, IndexBatch) for row in r.rows]
         size = sum(_size(r) for r in batch)
         attempt = 0
+        escaped = False
         while True:
             try:
                 with db.conn:
@@ -264,11 +265,25 @@ class FindingStore:
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
+            except UnicodeEncodeError:
+                if escaped:
+                    logger.exception("store: %d records cannot be written; dropped", size)
+                    self.dropped += size
+                    break
+                # Text from traffic with lone surrogates (a JSON "\ud800", a path's
+                # undecodable bytes): SQLite takes UTF-8 only. Rare, so the batch is
+                # escaped only when it failed, off the event loop.
+                findings = [{k: _escaped(v) for k, v in row.items()} for row in findings]
+                index = [tuple(_escaped(v) for v in row) for row in index]
+                knocks = [
+                    KnockRecord(k.ts, storable(k.room_id), storable(k.server), k.policy_match)
+                    for k in knocks
+                ]
+                escaped = True
             except (
                 sqlite3.IntegrityError,
                 sqlite3.InterfaceError,
                 sqlite3.ProgrammingError,
-                UnicodeEncodeError,  # text SQLite cannot store (a lone surrogate)
                 ValueError,
                 TypeError,
             ):
@@ -292,6 +307,10 @@ class FindingStore:
         with self._flushed:
             self._pending -= size
             self._flushed.notify_all()
+
+
+def _escaped(value: object) -> object:
+    return storable(value) if isinstance(value, str) else value
 
 
 def query_findings(

@@ -24,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from proxy_addons.testbed.homeserver import ClientApi, SynapseHomeserver, free_port
+from proxy_addons.testbed.homeserver import ClientApi, free_port
 from proxy_addons.testbed.peer import FederationPeer, PeerServer
-from tests.bench.synapse import start_modgud
+from tests.bench.synapse import HOOK_TOKEN, homeserver, hook_module, start_modgud
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 ROOMS = int(os.environ.get("SOAK_ROOMS", "4"))
@@ -160,12 +160,7 @@ def main() -> int:
     servers = [peer.add_server() for _ in range(ROOMS)]
     denied = peer.add_server("denied.test")
     peer.start()
-    hs = SynapseHomeserver(
-        workdir / "hs",
-        f"localhost:{free_port()}",
-        http_port=free_port(),
-        extra_config={"trusted_key_servers": [peer.trusted_key_server]},
-    )
+    hs = homeserver(workdir, peer)
     modgud = None
     try:
         hs.start()
@@ -173,17 +168,7 @@ def main() -> int:
         alice = ClientApi(hs.base_url, token)
         modgud, port, hook_port, metrics_port = start_modgud(workdir, hs, peer, token)
         hs.stop()
-        hs.modules = [
-            {
-                "module": "synapse_http_antispam.HTTPAntispam",
-                "config": {
-                    "base_url": f"http://127.0.0.1:{hook_port}",
-                    "authorization": "bench-hook",
-                    "enabled_callbacks": ["check_event_for_spam", "user_may_invite"],
-                    "fail_open": {"check_event_for_spam": False},
-                },
-            }
-        ]
+        hs.modules = [hook_module(hook_port, HOOK_TOKEN)]
         hs.start()
         address = f"127.0.0.1:{port}"
         workers = []

@@ -96,7 +96,7 @@ def start_modgud(
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
     port, hook_port, metrics_port = free_port(), free_port(), free_port()
     (workdir / "admin.token").write_text(token)
-    (workdir / "hook.token").write_text("bench-hook")
+    (workdir / "hook.token").write_text(HOOK_TOKEN)
     keys = peer.trusted_key_server
     (workdir / "modgud.yaml").write_text(
         "\n".join(
@@ -128,6 +128,31 @@ def start_modgud(
     if not (_wait_port(port, 30) and _wait_port(hook_port, 30)):
         raise RuntimeError("modgud did not start")
     return proc, port, hook_port, metrics_port
+
+
+HOOK_TOKEN = "bench-hook"
+
+
+def homeserver(workdir: Path, peer: FederationPeer) -> SynapseHomeserver:
+    """One Synapse (plain HTTP on loopback) that trusts the peer's notary for keys."""
+    return SynapseHomeserver(
+        workdir / "hs",
+        f"localhost:{free_port()}",
+        http_port=free_port(),
+        extra_config={"trusted_key_servers": [peer.trusted_key_server]},
+    )
+
+
+def hook_module(port: int, token: str | None) -> dict[str, object]:
+    """Synapse's synapse-http-antispam module calling the hook on `port`, failing closed."""
+    config: dict[str, object] = {
+        "base_url": f"http://127.0.0.1:{port}",
+        "enabled_callbacks": ["check_event_for_spam", "user_may_invite"],
+        "fail_open": {"check_event_for_spam": False},
+    }
+    if token is not None:
+        config["authorization"] = token
+    return {"module": "synapse_http_antispam.HTTPAntispam", "config": config}
 
 
 def serve_constant_hook(port: int) -> None:
@@ -186,12 +211,7 @@ def main() -> int:
     peer = FederationPeer(workdir / "peer", free_port())
     server = peer.add_server()
     peer.start()
-    hs = SynapseHomeserver(
-        workdir / "hs",
-        f"localhost:{free_port()}",
-        http_port=free_port(),
-        extra_config={"trusted_key_servers": [peer.trusted_key_server]},
-    )
+    hs = homeserver(workdir, peer)
     nginx = Nginx(workdir / "nginx", free_port(), hs.base_url)
     modgud = None
     results: dict[str, dict[int, list[float]]] = {path: {1: [], 50: []} for path in PATHS}
@@ -208,23 +228,8 @@ def main() -> int:
         via_nginx = f"127.0.0.1:{nginx.port}"
         peer.join(server, server.user("bench"), room_id, hs.server_name, via_nginx)
         modgud, port, hook_port, metrics_port = start_modgud(workdir, hs, peer, token)
-        hook = {
-            "module": "synapse_http_antispam.HTTPAntispam",
-            "config": {
-                "base_url": f"http://127.0.0.1:{hook_port}",
-                "authorization": "bench-hook",
-                "enabled_callbacks": ["check_event_for_spam", "user_may_invite"],
-                "fail_open": {"check_event_for_spam": False},
-            },
-        }
-        floor = {
-            "module": "synapse_http_antispam.HTTPAntispam",
-            "config": {
-                "base_url": f"http://127.0.0.1:{constant_port}",
-                "enabled_callbacks": ["check_event_for_spam"],
-                "fail_open": {"check_event_for_spam": False},
-            },
-        }
+        hook = hook_module(hook_port, HOOK_TOKEN)
+        floor = hook_module(constant_port, None)
         if not _wait_port(constant_port, 10):
             raise RuntimeError("the constant hook did not start")
         modules = {"nginx": [], "edge": [], "modgud": [hook], "floor": [floor]}

@@ -166,14 +166,31 @@ def test_beyond_max_pending_index_rows_yield_first_and_are_counted(tmp_path):
 
 
 def test_a_record_sqlite_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path):
-    """A record whose text SQLite cannot encode (a lone surrogate) costs its batch, counted
-    in `dropped`, and never the writer thread: the next records are written."""
+    """A record SQLite refuses (a value it cannot bind, which no code path should make)
+    costs its batch, counted in `dropped`, and never the writer thread: the next records
+    are written."""
     db = str(tmp_path / "m.db")
     store = FindingStore(db, flush_interval=0.02)
-    store.record([replace(record(1.0), detail="\ud800")])
+    store.record([replace(record(1.0), detail=object())])
     assert store.flush(5)
     assert store.dropped == 1
     store.record([record(2.0)])
     assert store.flush(5)
     assert [r["ts"] for r in query_findings([db])] == [2.0]
+    store.close()
+
+
+def test_text_with_lone_surrogates_is_stored_escaped(tmp_path):
+    """Text from traffic may hold lone surrogates, which SQLite (UTF-8) cannot take: the
+    writer escapes the batch that failed and writes it, findings and index rows alike."""
+    from proxy_addons.eventindex import IndexBatch, lookup_events
+
+    db = str(tmp_path / "m.db")
+    store = FindingStore(db, flush_interval=0.02)
+    row = ("!\ud800:x", "h\udcff", "$\ud800", "a", "b", "b", "inbound", "send", 1.0, 1.0)
+    store.record([replace(record(1.0), detail="d \ud800"), IndexBatch([row])])
+    assert store.flush(5)
+    assert [r["detail"] for r in query_findings([db])] == ["d \\ud800"]
+    assert lookup_events(db, "!\\ud800:x", ["h\\udcff"])["h\\udcff"]["event_id"] == "$\\ud800"
+    assert store.dropped == 0
     store.close()
