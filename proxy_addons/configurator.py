@@ -12,9 +12,13 @@ from mitmproxy.addonmanager import Loader
 from proxy_addons.config import ConfigError, exposure_warnings, load_config
 from proxy_addons.runtime import RuntimeHolder, build_runtime
 
-__all__ = ["Configurator"]
+__all__ = ["Configurator", "RuntimeCloser"]
 
 logger = logging.getLogger(__name__)
+
+# On a clean stop, how long requests forwarded to the homeserver may take to be answered
+# (systemd's default TimeoutStopSec is 90 s).
+DRAIN_SECONDS = 30.0
 
 
 class Configurator:
@@ -57,7 +61,32 @@ class Configurator:
             self._policy_task = asyncio.get_running_loop().create_task(runtime.policy.run())
 
     async def done(self) -> None:
+        """The first addon's `done`: while the other addons (the hook among them) still
+        run, new inbound requests get a 503 and those in flight are answered."""
         if self._policy_task is not None:
             self._policy_task.cancel()
+        runtime = self.holder.runtime
+        if runtime is None:
+            return
+        waiting = len(runtime.inflight)
+        left = await runtime.inflight.drain(DRAIN_SECONDS)
+        if left:
+            logger.warning(
+                "stopping with %d inbound request(s) still unanswered after %.0f s",
+                left,
+                DRAIN_SECONDS,
+            )
+        elif waiting:
+            logger.info("stopping: %d inbound request(s) in flight were answered", waiting)
+
+
+class RuntimeCloser:
+    """The last addon: closes the runtime (store flushed, sessions closed) once every
+    other addon's `done` has run, the hook's included."""
+
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self.holder = holder
+
+    async def done(self) -> None:
         if self.holder.runtime is not None:
             await self.holder.runtime.aclose()

@@ -92,9 +92,17 @@ class Enforcer:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if is_outbound(flow, self.holder.runtime):
+        runtime = self.holder.runtime
+        if runtime is None or is_outbound(flow, runtime):
             return
-        await self.inspect_request(flow)
+        # Counted from here, not from forwarding: a stop that begins while the checks
+        # await must still wait for this request's answer if it is then forwarded.
+        runtime.inflight.add(flow.id)
+        try:
+            await self.inspect_request(flow)
+        finally:
+            if flow.response is not None:
+                runtime.inflight.finished(flow.id)
 
     async def inspect_request(self, flow: http.HTTPFlow) -> None:
         """Check one inbound request, enforce or record; also used to replay captures."""
@@ -106,7 +114,11 @@ class Enforcer:
         endpoint = state.endpoint
         outcome = "forwarded"
         try:
-            if endpoint.cls in _AUTHENTICATED:
+            if runtime.inflight.closing:
+                _retry_later(flow, "shutting down")
+                state.answered_locally = True
+                outcome = "unavailable"
+            elif endpoint.cls in _AUTHENTICATED:
                 if len(request_body(flow)) > runtime.config.max_body_bytes:
                     outcome = self._refuse_oversized(runtime, flow, state)
                 elif not await self._authenticate(runtime, flow, state):
@@ -134,10 +146,11 @@ class Enforcer:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         runtime = self.holder.runtime
-        if is_outbound(flow, runtime):
+        if runtime is None or is_outbound(flow, runtime):
             return
+        runtime.inflight.finished(flow.id)
         state = known_flow_state(flow)
-        if runtime is None or state is None or state.answered_locally:
+        if state is None or state.answered_locally:
             return
         if flow.response is None or flow.response.status_code != 200:
             return
@@ -151,6 +164,11 @@ class Enforcer:
                 await self._check_event_answer(runtime, flow, state)
             except Exception:
                 self._internal_error(runtime, flow, "edge")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The homeserver did not answer (unreachable, connection lost, client gone)."""
+        if (runtime := self.holder.runtime) is not None:
+            runtime.inflight.finished(flow.id)
 
     async def _check_event_answer(
         self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState

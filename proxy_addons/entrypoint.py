@@ -9,7 +9,7 @@ import sys
 # Loaded as a script, the repository root may not be on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy_addons.configurator import Configurator  # noqa: E402
+from proxy_addons.configurator import Configurator, RuntimeCloser  # noqa: E402
 from proxy_addons.enforcer import Enforcer  # noqa: E402
 from proxy_addons.eventhook import EventHook  # noqa: E402
 from proxy_addons.exporter import MetricsExporter  # noqa: E402
@@ -24,4 +24,5 @@ addons = [
     Enforcer(_holder),
     OutboundWatcher(_holder),
     EventHook(_holder),
+    RuntimeCloser(_holder),  # last: its `done` runs after every other's
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from proxy_addons.statesource import RoomStateCache, RoomStateSource, SynapseAdm
 from proxy_addons.store import FindingStore
 from proxy_addons.verdicts import SignatureCache, VerdictCache
 
-__all__ = ["Runtime", "RuntimeHolder", "build_runtime"]
+__all__ = ["InFlight", "Runtime", "RuntimeHolder", "build_runtime"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,41 @@ logger = logging.getLogger(__name__)
 # the hook sees a local event before the homeserver persists it, so one refetch right
 # away could still read the old state.
 RESTALE_DELAYS = (0.3, 1.0, 5.0)
+
+
+class InFlight:
+    """Inbound requests being checked or forwarded to the homeserver, not answered yet.
+
+    On a clean stop (SIGTERM, SIGINT) modgud turns new requests away with a 503 and waits
+    for these before it goes: the homeserver calls the hook for their events, and a hook
+    call that fails because modgud is gone makes Synapse, with synapse-http-antispam's
+    `fail_open: false`, soft-fail and redact the event for good."""
+
+    def __init__(self) -> None:
+        self._flows: set[str] = set()
+        self._idle: asyncio.Event | None = None
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def add(self, flow_id: str) -> None:
+        self._flows.add(flow_id)
+
+    def finished(self, flow_id: str) -> None:
+        self._flows.discard(flow_id)
+        if not self._flows and self._idle is not None:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new requests from now on and wait, at most `timeout` seconds, for those
+        in flight; returns how many were still unanswered then."""
+        self.closing = True
+        if self._flows:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        return len(self._flows)
 
 
 @dataclass
@@ -40,6 +76,7 @@ class Runtime:
     policy: OperatorPolicySource
     refused: RefusedEvents = field(default_factory=RefusedEvents)
     signatures: SignatureCache = field(default_factory=SignatureCache)
+    inflight: InFlight = field(default_factory=InFlight)
     index: EventIndex | None = None
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
 

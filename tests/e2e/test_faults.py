@@ -81,27 +81,26 @@ def table_count(topo, table):
         conn.close()
 
 
-def test_kill_9_under_load_loses_nothing_committed_and_each_transaction_lands_once(
-    faults_topology,
-):
-    """modgud is killed with SIGKILL while the peer sends 30 transactions (some relaying
-    denied.test's messages). The sender retries what failed with the same txn_id; after
-    the restart every message is in hs1's room exactly once, the findings and index rows
-    committed before the kill are all still there (WAL), the database is intact, and
-    every relayed leak has its finding. While modgud is down, Synapse's hook call fails
-    and (fail_open false for check_event_for_spam, as configured here) a local user's
-    message is refused rather than let through unchecked."""
-    topo = faults_topology
+def _interrupted_under_load(topo, interrupt):
+    """The peer sends 30 transactions (every third also relays a denied.test message),
+    each resent with the same txn_id until accepted, as a federation sender does;
+    `interrupt(room_id, run)` runs once 10 are accepted and must leave modgud running
+    again. Checks what must hold however modgud stopped: every transaction accepted,
+    the database intact, no committed finding, index row or knock lost, no message twice,
+    no leak in the room and a finding for each. Returns (room_id, message bodies by event
+    ID, the bodies hs1 shows with their counts)."""
     room_id, user = peer_room(topo)
     run = secrets.token_hex(3)
-    txns, leaks = [], []
+    txns, leaks, bodies = [], [], {}
     for i in range(30):
-        pdus = [message(topo, room_id, user, f"k{run}-{i}")[1]]
+        event_id, pdu = message(topo, room_id, user, f"k{run}-{i}")
+        bodies[event_id] = f"k{run}-{i}"
+        pdus = [pdu]
         if i % 3 == 0:
             leak_id, leak = denied_message(topo, room_id, f"leak{run}-{i}")
             pdus.append(leak)
             leaks.append(leak_id)
-        txns.append((f"kill{run}-{i}", pdus))
+        txns.append((f"load{run}-{i}", pdus))
     accepted: list[str] = []
 
     def sender():
@@ -112,34 +111,92 @@ def test_kill_9_under_load_loses_nothing_committed_and_each_transaction_lands_on
     thread = threading.Thread(target=sender)
     thread.start()
     assert topo.alice.wait_for(lambda: len(accepted) >= 10, timeout=60, interval=0.05)
-    findings_before = table_count(topo, "findings")
-    index_before = table_count(topo, "events")
-    knocks_before = table_count(topo, "knocks")
-    topo.kill_modgud()
-    with pytest.raises(ClientError):
-        topo.alice.send_message(room_id, f"while modgud is down {run}")
-    topo.restart_modgud()
+    committed = {t: table_count(topo, t) for t in ("findings", "events", "knocks")}
+    interrupt(room_id, run)
     thread.join(180)
     assert len(accepted) == 30
     conn = sqlite3.connect(f"file:{topo.database}?mode=ro", uri=True)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
-    assert table_count(topo, "findings") >= findings_before
-    assert table_count(topo, "events") >= index_before
-    assert table_count(topo, "knocks") >= knocks_before
-
-    def all_there():
-        return len(count_bodies(topo, room_id, f"k{run}-")) == 30
-
-    assert topo.alice.wait_for(all_there, timeout=60, interval=1)
+    assert all(table_count(topo, t) >= n for t, n in committed.items())
+    # The last transaction's message is there once everything before it was handled.
+    assert topo.alice.wait_for_message(room_id, f"k{run}-29", timeout=60)
     counts = count_bodies(topo, room_id, f"k{run}-")
     assert set(counts.values()) == {1}, counts
     assert count_bodies(topo, room_id, "leak") == {}
-    assert count_bodies(topo, room_id, "while modgud is down") == {}
     rows = topo.wait_for_findings(
         lambda r: {f["event_id"] for f in r} >= set(leaks), room=room_id, timeout=30
     )
     assert {f["event_id"] for f in rows} >= set(leaks)
+    return room_id, bodies, counts
+
+
+def test_kill_9_under_load_loses_nothing_committed_and_each_transaction_lands_once(
+    faults_topology,
+):
+    """modgud is killed with SIGKILL under load and started again. What held above holds;
+    every message is in hs1's room once, except one whose hook call Synapse was making
+    at the moment of the kill: with synapse-http-antispam's `fail_open: false` (as
+    configured here) Synapse soft-fails and redacts that event for good — its rule for
+    spam, which no sender's retry undoes. Only the transaction in flight can be hit, and
+    hs1's log must name each such event. While modgud is down, a local user's message is
+    refused rather than let through unchecked."""
+    topo = faults_topology
+    hs1_log = topo.hs1.workdir / "homeserver.log"
+    log_start = hs1_log.stat().st_size
+
+    def kill(room_id, run):
+        topo.kill_modgud()
+        with pytest.raises(ClientError):
+            topo.alice.send_message(room_id, f"while modgud is down {run}")
+        topo.restart_modgud()
+
+    room_id, bodies, counts = _interrupted_under_load(topo, kill)
+    assert count_bodies(topo, room_id, "while modgud is down") == {}
+    missing = [e for e, body in bodies.items() if body not in counts]
+    assert len(missing) <= 1, missing
+    with hs1_log.open() as log:
+        log.seek(log_start)
+        text = log.read()
+    assert all(f"soft-failing {e}" in text for e in missing), missing
+
+
+def test_clean_stop_waits_for_the_homeserver_and_loses_no_message(faults_topology):
+    """modgud gets SIGTERM (a restart, an upgrade) while a transaction it forwarded is
+    still at hs1 (frozen for 4 s, so this is certain): modgud answers new requests 503
+    and stays until hs1 has answered, so hs1's hook calls for that transaction's events
+    are answered too. Without the wait, hs1 (fail_open false) would soft-fail the message
+    for good."""
+    topo = faults_topology
+    room_id, user = peer_room(topo)
+    run = secrets.token_hex(3)
+    # The room's state cached again after the join's refetches (RESTALE_DELAYS end at 5 s):
+    # hs1 frozen, a state fetch would wait for it instead of forwarding at once.
+    time.sleep(5.5)
+    assert topo.peer_send(topo.leaky, [message(topo, room_id, user, f"warm{run}")[1]]).status == 200
+    _, pdu = message(topo, room_id, user, f"stop{run}")
+    answers = []
+    timer = _frozen(topo, 4)
+    try:
+        sender = threading.Thread(
+            target=lambda: answers.append(topo.peer_send(topo.leaky, [pdu], txn_id=f"stop{run}"))
+        )
+        sender.start()
+        time.sleep(1)  # checked and forwarded to the frozen hs1 by now
+        topo.modgud.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert topo.modgud.poll() is None  # still waiting for hs1
+        late = topo.peer_send(topo.leaky, [message(topo, room_id, user, f"late{run}")[1]])
+        assert late.status == 503, late.body
+    finally:
+        timer.join()
+    sender.join(30)
+    assert [a.status for a in answers] == [200]
+    topo.modgud.wait(30)
+    assert "1 inbound request(s) in flight were answered" in topo.modgud_log()
+    topo.restart_modgud()
+    assert topo.alice.wait_for_message(room_id, f"stop{run}")
+    assert count_bodies(topo, room_id, f"stop{run}") == {f"stop{run}": 1}
 
 
 def test_homeserver_down_sender_retries_and_the_event_lands_once(faults_topology):

@@ -343,3 +343,53 @@ async def test_event_keys_unavailable_pass_on_policy_and_are_counted(make_runtim
         )
         == 2
     )
+
+
+async def test_clean_stop_answers_what_is_in_flight_and_turns_new_requests_away(make_runtime):
+    """On SIGTERM mitmproxy runs the addons' `done`; the Configurator's waits until every
+    request forwarded to the homeserver has its answer (the homeserver calls the hook for
+    those events meanwhile) and new requests get a 503, so their senders retry later."""
+    import asyncio
+
+    from mitmproxy.flow import Error
+
+    from proxy_addons.configurator import Configurator
+
+    holder = make_runtime()
+    enforcer = Enforcer(holder)
+    inflight = holder.runtime.inflight
+    forwarded = send_flow("good.test", [pdu("@a:good.test")])
+    lost = send_flow("good.test", [pdu("@a:good.test", body="lost")])
+    with taddons.context(enforcer):
+        await enforcer.request(forwarded)
+        await enforcer.request(lost)
+        assert forwarded.response is None and len(inflight) == 2
+        lost.error = Error("connection lost")
+        enforcer.error(lost)  # the homeserver never answered this one
+        assert len(inflight) == 1
+        stopping = asyncio.create_task(Configurator(holder).done())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()
+        late = send_flow("good.test", [pdu("@b:good.test", body="late")])
+        await enforcer.request(late)
+        assert late.response is not None and late.response.status_code == 503
+        assert len(inflight) == 1  # a request answered locally is not waited for
+        forwarded.response = http.Response.make(200, b'{"pdus": {}}')
+        await enforcer.response(forwarded)
+        await asyncio.wait_for(stopping, 5)
+    assert len(inflight) == 0
+    counted = holder.runtime.metrics.registry.get_sample_value(
+        "modgud_requests_total",
+        {"direction": "inbound", "endpoint": "send", "outcome": "unavailable"},
+    )
+    assert counted == 1
+
+
+async def test_drain_gives_up_after_its_timeout():
+    """A homeserver that never answers cannot hold modgud's stop up beyond the timeout."""
+    from proxy_addons.runtime import InFlight
+
+    inflight = InFlight()
+    inflight.add("stuck")
+    assert await inflight.drain(0.2) == 1
+    assert inflight.closing
