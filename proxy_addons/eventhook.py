@@ -35,7 +35,7 @@ from rules.checks import (
     check_invite,
 )
 from rules.findings import Decision
-from rules.roomstate import RELEVANT_STATE_TYPES
+from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
 from rules.servername import server_of_user
 
 __all__ = ["EventHook", "evaluate_event", "make_app", "quick_decision"]
@@ -97,8 +97,11 @@ def note_state_change(
     if not isinstance(event_type, str):  # any JSON: a list or an object is unhashable
         return
     if event_type in RELEVANT_STATE_TYPES and isinstance(event.get("state_key"), str):
-        runtime.state.mark_stale(room_id)  # one attribute: safe from the hook's thread
-        _call_on(main_loop, runtime.mark_stale, room_id)  # and the refetches after it
+        cached = runtime.state.peek(room_id)
+        # Not for an old state event the homeserver checks again (it pulled it).
+        if not (isinstance(cached, RoomPolicy) and cached.reflects(event)):
+            runtime.state.mark_stale(room_id)  # one attribute: safe from the hook's thread
+            _call_on(main_loop, runtime.mark_stale, room_id)  # and the refetches after it
     if runtime.policy.watches(room_id, event_type):
         _call_on(main_loop, runtime.policy.mark_stale)
 

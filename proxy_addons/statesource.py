@@ -169,6 +169,12 @@ class RoomStateCache:
             raise
         if self._on_fetch:
             self._on_fetch("ok", self._clock() - started)
+        old = self._entries.get(room_id)
+        if old is not None and old.policy is not None and policy is not None:
+            if policy.same_state(old.policy):
+                # Nothing relevant changed: keep the very object, so what was decided
+                # under it (the edge's allows, for the hook) stays valid.
+                policy = old.policy
         self._entries[room_id] = _Entry(policy, self._clock())
         self._entries.move_to_end(room_id)
         while len(self._entries) > self.max_rooms:

@@ -100,6 +100,34 @@ class RoomPolicy:
     joined: frozenset[str] = frozenset()
     space_children: tuple[str, ...] = ()  # m.space.child state keys whose content has `via`
     acl_bytes: int = 0  # the ACL content's canonical JSON size (an event is capped at 64 KiB)
+    # (type, state_key) -> event ID of the relevant state it was built from, members aside
+    # (they are `joined`); None when one came without an event ID (then never "the same").
+    state_ids: Mapping[tuple[str, str], str] | None = None
+
+    def same_state(self, other: RoomPolicy) -> bool:
+        """Built from the same relevant state events, so equal in every respect."""
+        return (
+            self.state_ids is not None
+            and self.room_id == other.room_id
+            and self.state_ids == other.state_ids
+            and self.joined == other.joined
+        )
+
+    def reflects(self, event: Mapping[str, object]) -> bool:
+        """The state event `event` is already part of what this policy says: seeing it
+        again (the homeserver re-checks events it pulls, its own old ones included)
+        changes nothing. A member event counts as reflected when it agrees on whether
+        its user is joined, the one thing a policy takes from members."""
+        event_type, state_key = event.get("type"), event.get("state_key")
+        if not isinstance(event_type, str) or not isinstance(state_key, str):
+            return False
+        if event_type == "m.room.member":
+            content = event.get("content")
+            membership = content.get("membership") if isinstance(content, Mapping) else None
+            return (membership == "join") == (state_key in self.joined)
+        return self.state_ids is not None and self.state_ids.get(
+            (event_type, state_key)
+        ) == event.get("event_id")
 
     @property
     def participation_enforced(self) -> bool:
@@ -119,6 +147,7 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
     joined: set[str] = set()
     children: list[str] = []
     creators: set[str] = set()
+    state_ids: dict[tuple[str, str], str] | None = {}
     for event in state:
         if not isinstance(event, Mapping):
             continue
@@ -128,6 +157,12 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
         content = content if isinstance(content, Mapping) else {}
         if not isinstance(state_key, str) or not isinstance(event_type, str):
             continue
+        if event_type in RELEVANT_STATE_TYPES and event_type != "m.room.member":
+            event_id = event.get("event_id")
+            if isinstance(event_id, str) and state_ids is not None:
+                state_ids[(event_type, state_key)] = event_id
+            else:
+                state_ids = None
         if event_type == "m.room.member":
             if content.get("membership") == "join":
                 joined.add(state_key)
@@ -182,4 +217,5 @@ def room_policy_from_state(room_id: str, state: Iterable[object]) -> RoomPolicy:
         frozenset(joined),
         tuple(children),
         acl_bytes,
+        state_ids,
     )

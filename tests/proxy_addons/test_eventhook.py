@@ -120,6 +120,33 @@ async def test_acl_state_event_marks_room_stale(make_runtime):
     assert source.fetches == 2
 
 
+async def test_old_state_events_checked_again_leave_the_room_cached(make_runtime):
+    """Synapse calls the hook for events it pulls, its own old state events among them
+    (measured in the Synapse benchmark: the room's create, members and power levels, again
+    and again). Those are already the room's state: no refetch, so the edge's verdicts
+    under the cached state stay usable. A real change (a member leaving) still refetches."""
+    from rules.roomstate import room_policy_from_state
+    from tests.rules.test_roomstate import state
+
+    source = StaticStateSource({ROOM: room_policy_from_state(ROOM, state())})
+    holder = make_runtime(source=source)
+    await holder.runtime.state.get(ROOM, 1)
+    for event in state():
+        await post(holder, {"event": {**event, "room_id": ROOM, "sender": "@a:hs.test"}})
+    await holder.runtime.state.get(ROOM, 1)
+    assert source.fetches == 1
+    leave = client_event(
+        "@b:good.test",
+        "$leave",
+        type="m.room.member",
+        state_key="@b:good.test",
+        content={"membership": "leave"},
+    )
+    await post(holder, leave)
+    await holder.runtime.state.get(ROOM, 1)
+    assert source.fetches == 2
+
+
 async def test_inviting_a_user_of_a_denied_server_is_refused(make_runtime):
     """user_may_invite: a local user inviting someone whose server the room denies gets
     403 (the invite would hand the room to that server); other invites pass; the token

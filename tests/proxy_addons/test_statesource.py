@@ -115,3 +115,27 @@ async def test_concurrent_transactions_for_a_cold_room_cost_one_state_request(ma
         await asyncio.gather(*(enforcer.request(f) for f in flows))
     assert source.fetches == 1
     assert all(f.response is None for f in flows)  # all forwarded
+
+
+async def test_a_refetch_that_finds_the_same_state_keeps_the_policy_object():
+    """What was decided under the cached policy (the edge's allows, checked by identity
+    by the hook) stays valid through refetches that find nothing relevant changed."""
+    from rules.roomstate import room_policy_from_state
+    from tests.rules.test_roomstate import state
+
+    class Events(StaticStateSource):
+        events = state()
+
+        async def fetch(self, room_id):
+            self.fetches += 1
+            return room_policy_from_state(room_id, self.events)
+
+    source = Events()
+    cache = RoomStateCache(source)
+    first = await cache.get(ROOM, 1.0)
+    cache.mark_stale(ROOM)
+    assert await cache.get(ROOM, 1.0) is first and source.fetches == 2
+    source.events = state(acl_id="$acl2")
+    cache.mark_stale(ROOM)
+    changed = await cache.get(ROOM, 1.0)
+    assert changed is not first and changed.state_ids[("m.room.server_acl", "")] == "$acl2"
