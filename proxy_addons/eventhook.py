@@ -107,8 +107,9 @@ def note_state_change(
 
 
 def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str] | None:
-    """The answers that need no room state and no I/O — local events, the edge's verdict —
-    given on the hook's own thread; None when the event must be evaluated."""
+    """The answers that need no I/O — local events, the edge's verdict, an event the
+    cached room state finds nothing against — given on the hook's own thread; None when
+    the event must be evaluated on the main loop (state to fetch, findings to record)."""
     config = runtime.config
     if server_of_user(event.get("sender")) == config.server_name:
         return _allow(), "local"
@@ -129,6 +130,20 @@ def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Resp
         and allowed[1] is runtime.policy.current
     ):
         return _allow(), "edge"
+    if isinstance(room_id, str):
+        room = runtime.state.peek(room_id)
+        if isinstance(room, RoomPolicy):
+            # The room's state is at hand: a clean event is judged right here. One with
+            # findings goes to the main loop, which records them.
+            verdict = check_event(
+                event,
+                room,
+                config.server_name,
+                fail_open=config.fail_open,
+                policy=runtime.policy.current,
+            )
+            if not verdict.findings:
+                return _allow(), "hook"
     return None
 
 

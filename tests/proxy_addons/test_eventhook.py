@@ -14,7 +14,13 @@ from rules.eventhash import compute_event_id
 from rules.findings import Decision
 from rules.roomversion import get_room_version
 from rules.signatures import sign_event
-from tests.proxy_addons.conftest import ROOM, StaticStateSource, policy, recorded_findings
+from tests.proxy_addons.conftest import (
+    OPEN_ROOM,
+    ROOM,
+    StaticStateSource,
+    policy,
+    recorded_findings,
+)
 
 
 def client_event(sender, event_id="$e1", room_id=ROOM, **extra):
@@ -250,9 +256,10 @@ def _post_sync(port, body):
 
 
 async def test_hook_answers_on_its_own_thread_while_the_main_loop_is_busy(make_runtime):
-    """The hook is served on a thread of its own: a local event is answered while modgud's
-    main loop is blocked (here: by this test, joining the caller's thread), and an event
-    that needs room state is evaluated on the main loop once it is free again."""
+    """The hook is served on a thread of its own: a local event, and a remote one the
+    cached room state finds nothing against, are answered while modgud's main loop is
+    blocked (here: by this test, joining the caller's thread); an event of a room not
+    cached, or one with findings to record, is evaluated on the main loop once it is free."""
     import threading
 
     from proxy_addons.eventhook import EventHook
@@ -264,12 +271,19 @@ async def test_hook_answers_on_its_own_thread_while_the_main_loop_is_busy(make_r
     hook.running()
     try:
         answers = []
-        caller = threading.Thread(
-            target=lambda: answers.append(_post_sync(port, client_event("@me:hs.test")))
-        )
+        await holder.runtime.state.get(ROOM, 1)  # cached; OPEN_ROOM is not
+
+        def calls():
+            for event in (client_event("@me:hs.test"), client_event("@b:good.test", "$b")):
+                answers.append(_post_sync(port, event))
+
+        caller = threading.Thread(target=calls)
         caller.start()
-        caller.join(15)  # blocks this (the main) loop until the call was answered
-        assert answers == [200]
+        caller.join(15)  # blocks this (the main) loop until the calls were answered
+        assert answers == [200, 200]
+        assert _decided_by(holder, "local") == 1 and _decided_by(holder, "hook") == 1
+        uncached = client_event("@b:good.test", "$c", room_id=OPEN_ROOM)
+        assert await asyncio.to_thread(_post_sync, port, uncached) == 200
         pulled = client_event("@evil:denied.test", "$pulled")
         assert await asyncio.to_thread(_post_sync, port, pulled) == 403
         assert [r["rule"] for r in recorded_findings(holder)] == ["acl.sender"]
