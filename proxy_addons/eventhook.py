@@ -122,28 +122,24 @@ def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Resp
             return _refuse(edge.reason), "edge"
         return _allow(), "edge"
     room_id = event.get("room_id")
+    if not isinstance(room_id, str):
+        return None
+    room = runtime.state.peek(room_id)
     allowed = runtime.verdicts.allowed_under(event_id)
-    if (
-        allowed is not None
-        and isinstance(room_id, str)
-        and allowed[0] is runtime.state.peek(room_id)
-        and allowed[1] is runtime.policy.current
-    ):
+    if allowed is not None and allowed[0] is room and allowed[1] is runtime.policy.current:
         return _allow(), "edge"
-    if isinstance(room_id, str):
-        room = runtime.state.peek(room_id)
-        if isinstance(room, RoomPolicy):
-            # The room's state is at hand: a clean event is judged right here. One with
-            # findings goes to the main loop, which records them.
-            verdict = check_event(
-                event,
-                room,
-                config.server_name,
-                fail_open=config.fail_open,
-                policy=runtime.policy.current,
-            )
-            if not verdict.findings:
-                return _allow(), "hook"
+    if isinstance(room, RoomPolicy):
+        # The room's state is at hand: a clean event is judged right here. One with
+        # findings goes to the main loop, which records them.
+        verdict = check_event(
+            event,
+            room,
+            config.server_name,
+            fail_open=config.fail_open,
+            policy=runtime.policy.current,
+        )
+        if not verdict.findings:
+            return _allow(), "hook"
     return None
 
 

@@ -81,14 +81,23 @@ def table_count(topo, table):
         conn.close()
 
 
-def _interrupted_under_load(topo, interrupt):
-    """The peer sends 30 transactions (every third also relays a denied.test message),
-    each resent with the same txn_id until accepted, as a federation sender does;
-    `interrupt(room_id, run)` runs once 10 are accepted and must leave modgud running
-    again. Checks what must hold however modgud stopped: every transaction accepted,
-    the database intact, no committed finding, index row or knock lost, no message twice,
-    no leak in the room and a finding for each. Returns (room_id, message bodies by event
-    ID, the bodies hs1 shows with their counts)."""
+def test_kill_9_under_load_loses_nothing_committed_and_each_transaction_lands_once(
+    faults_topology,
+):
+    """modgud is killed with SIGKILL while the peer sends 30 transactions (every third
+    also relays a denied.test message), each resent with the same txn_id until accepted,
+    as a federation sender does; then started again. Every transaction is accepted, the
+    database is intact, no committed finding, index row or knock is lost, no message is
+    there twice, no leak is in the room and each has its finding. Every message is in
+    hs1's room except one whose hook call Synapse was making at the moment of the kill:
+    with synapse-http-antispam's `fail_open: false` (as configured here) Synapse
+    soft-fails and redacts that event for good — its rule for spam, which no sender's
+    retry undoes. Only the transaction in flight can be hit, and hs1's log must name each
+    such event. While modgud is down, a local user's message is refused rather than let
+    through unchecked."""
+    topo = faults_topology
+    hs1_log = topo.hs1.workdir / "homeserver.log"
+    log_start = hs1_log.stat().st_size
     room_id, user = peer_room(topo)
     run = secrets.token_hex(3)
     txns, leaks, bodies = [], [], {}
@@ -112,7 +121,10 @@ def _interrupted_under_load(topo, interrupt):
     thread.start()
     assert topo.alice.wait_for(lambda: len(accepted) >= 10, timeout=60, interval=0.05)
     committed = {t: table_count(topo, t) for t in ("findings", "events", "knocks")}
-    interrupt(room_id, run)
+    topo.kill_modgud()
+    with pytest.raises(ClientError):
+        topo.alice.send_message(room_id, f"while modgud is down {run}")
+    topo.restart_modgud()
     thread.join(180)
     assert len(accepted) == 30
     conn = sqlite3.connect(f"file:{topo.database}?mode=ro", uri=True)
@@ -128,30 +140,6 @@ def _interrupted_under_load(topo, interrupt):
         lambda r: {f["event_id"] for f in r} >= set(leaks), room=room_id, timeout=30
     )
     assert {f["event_id"] for f in rows} >= set(leaks)
-    return room_id, bodies, counts
-
-
-def test_kill_9_under_load_loses_nothing_committed_and_each_transaction_lands_once(
-    faults_topology,
-):
-    """modgud is killed with SIGKILL under load and started again. What held above holds;
-    every message is in hs1's room once, except one whose hook call Synapse was making
-    at the moment of the kill: with synapse-http-antispam's `fail_open: false` (as
-    configured here) Synapse soft-fails and redacts that event for good — its rule for
-    spam, which no sender's retry undoes. Only the transaction in flight can be hit, and
-    hs1's log must name each such event. While modgud is down, a local user's message is
-    refused rather than let through unchecked."""
-    topo = faults_topology
-    hs1_log = topo.hs1.workdir / "homeserver.log"
-    log_start = hs1_log.stat().st_size
-
-    def kill(room_id, run):
-        topo.kill_modgud()
-        with pytest.raises(ClientError):
-            topo.alice.send_message(room_id, f"while modgud is down {run}")
-        topo.restart_modgud()
-
-    room_id, bodies, counts = _interrupted_under_load(topo, kill)
     assert count_bodies(topo, room_id, "while modgud is down") == {}
     missing = [e for e, body in bodies.items() if body not in counts]
     assert len(missing) <= 1, missing
