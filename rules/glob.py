@@ -37,14 +37,17 @@ def _find_segment(name: str, start: int, end: int, seg: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Glob:
-    """A compiled glob. `pattern` is lower-cased; `segments` is the pattern split at `*`."""
+    """A compiled glob. `pattern` is lower-cased; `segments` is the pattern split at `*`;
+    `wild` tells whether it has a `?` (without one, segments compare with C's string
+    methods, not character by character)."""
 
     pattern: str
     segments: tuple[str, ...]
+    wild: bool
 
     @property
     def is_literal(self) -> bool:
-        return len(self.segments) == 1 and "?" not in self.pattern
+        return len(self.segments) == 1 and not self.wild
 
     def matches(self, name: str) -> bool:
         """Whether the glob matches all of `name` (which the caller has lower-cased)."""
@@ -54,10 +57,11 @@ class Glob:
         first, last = segs[0], segs[-1]
         if len(first) + len(last) > len(name):
             return False
-        if not _segment_at(name, 0, first):
-            return False
         tail = len(name) - len(last)
-        if not _segment_at(name, tail, last):
+        if self.wild:
+            if not (_segment_at(name, 0, first) and _segment_at(name, tail, last)):
+                return False
+        elif not (name.startswith(first) and name.endswith(last)):
             return False
         pos = len(first)
         for seg in segs[1:-1]:
@@ -73,4 +77,4 @@ class Glob:
 def compile_glob(pattern: str) -> Glob:
     """Compile a glob; consecutive `*` collapse, case is folded."""
     lowered = pattern.lower()
-    return Glob(lowered, tuple(lowered.split("*")))
+    return Glob(lowered, tuple(lowered.split("*")), "?" in lowered)

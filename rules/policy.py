@@ -62,7 +62,7 @@ class BanList:
     __slots__ = ("_decided", "_servers", "_users", "servers", "users")
 
     # Decisions are remembered per server name, like the ACL's: the federation a
-    # homeserver sees is a few thousand servers, and a new one costs tens of microseconds
+    # homeserver sees is a few thousand servers, and a new one costs about ten microseconds
     # against 100,000 entries (docs/BENCHMARKS.md), a known one a dict lookup.
     CACHE_SIZE = 8192
 

@@ -180,12 +180,16 @@ def test_globset_buckets_agree_with_plain_matching():
 )
 @settings(max_examples=500, deadline=None)
 def test_globset_indexes_agree_with_scanning_every_glob(patterns, names, filler, many):
-    """However globs are filed (exact, suffix, prefix, three-character runs, anchored ends,
-    scanned), a GlobSet matches a name exactly when one of its globs does. Names include
-    each pattern with its wildcards filled in, so that most globs have names they match,
-    at either end and in the middle."""
-    if many:  # enough three-character runs for the other way of probing them
-        patterns = patterns + [f"*z{i:02d}q*" for i in range(60)]
+    """However globs are filed (exact, suffix, prefix, runs of four or three characters,
+    short literal starts and ends, scanned), a GlobSet matches a name exactly when one of
+    its globs does. Names include each pattern with its wildcards filled in, so that most
+    globs have names they match, at either end and in the middle."""
+    if many:  # enough of each kind of key that the name's runs are cut, not searched for
+        patterns = patterns + [
+            p
+            for i in range(60)
+            for p in (f"*z{i:02d}q*", f"*?y{i:02d}*", f"{i:02d}?*.b", f"*.b?{i:02d}")
+        ]
     globs = [compile_glob(p) for p in patterns]
     index = GlobSet(patterns)
     filled = [p.replace("*", filler).replace("?", "c") for p in patterns]

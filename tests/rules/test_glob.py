@@ -33,7 +33,8 @@ class WorkExceeded(AssertionError):
 class CountingName(str):
     """A name that counts the character reads a matcher makes (`name[i]`), charging a
     substring search of a needle of m characters over a window of w its naive worst
-    case, w * m, and a slice or `in` the length it covers. Past `budget`, it raises."""
+    case, w * m, a start or end comparison the length compared, and a slice or `in` the
+    length it covers. Past `budget`, it raises."""
 
     __slots__ = ()
     work = [0]
@@ -57,6 +58,14 @@ class CountingName(str):
         lo, hi, _ = slice(start, end).indices(len(self))
         CountingName.charge(max(1, hi - lo) * max(1, len(sub)))
         return str.find(self, sub, start, end)
+
+    def startswith(self, prefix, *args):
+        CountingName.charge(max(1, len(prefix)))
+        return str.startswith(self, prefix, *args)
+
+    def endswith(self, suffix, *args):
+        CountingName.charge(max(1, len(suffix)))
+        return str.endswith(self, suffix, *args)
 
     def __contains__(self, sub):
         CountingName.charge(len(self) * max(1, len(sub)))
