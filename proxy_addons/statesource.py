@@ -150,8 +150,21 @@ class RoomStateCache:
     async def get_many(
         self, room_ids: set[str], timeout: float
     ) -> dict[str, RoomPolicy | None | StateUnavailable]:
-        results = await asyncio.gather(*(self.get(r, timeout) for r in room_ids))
-        return dict(zip(room_ids, results, strict=True))
+        # Cached rooms are answered on the spot: a transaction of known rooms never
+        # yields to the event loop (gathering costs a task and a loop pass per call).
+        found: dict[str, RoomPolicy | None | StateUnavailable] = {}
+        missing = []
+        for room_id in room_ids:
+            cached = self.peek(room_id)
+            if isinstance(cached, StateUnavailable):
+                missing.append(room_id)
+            else:
+                self._entries.move_to_end(room_id)
+                found[room_id] = cached
+        if missing:
+            results = await asyncio.gather(*(self.get(r, timeout) for r in missing))
+            found.update(zip(missing, results, strict=True))
+        return found
 
     def _fetch_done(self, room_id: str, future: asyncio.Future[RoomPolicy | None]) -> None:
         self._inflight.pop(room_id, None)

@@ -51,6 +51,7 @@ class Pdu:
     __slots__ = (
         "_event",
         "_raw",
+        "_source",
         "content_hash",
         "event_type",
         "position",
@@ -71,6 +72,7 @@ class Pdu:
         state_key: str | None,
         raw: bytes | None = None,
         content_hash: str | None = None,
+        source: TransactionBytes | None = None,
     ) -> None:
         self.position = position  # where the PDU sits in the transaction
         # The sender's claimed content hash (hashes.sha256): the event's identity for the
@@ -78,6 +80,7 @@ class Pdu:
         self.content_hash = content_hash
         self._event = event
         self._raw = raw
+        self._source = source  # the transaction's bytes, cut into PDUs on first use
         self.room_id = room_id
         self.sender = sender
         self.sender_server = sender_server
@@ -87,11 +90,34 @@ class Pdu:
     @property
     def event(self) -> Mapping[str, object]:
         if self._event is None:
-            self._event = _decode_event(self._raw or b"{}")
+            raw = self._raw
+            if raw is None and self._source is not None:
+                raw = self._source.pdu(self.position)
+            self._event = _decode_event(raw or b"{}")
         return self._event
 
     def __repr__(self) -> str:
         return f"Pdu({self.position}, {self.room_id!r}, {self.sender!r}, {self.event_type!r})"
+
+
+class TransactionBytes:
+    """A /send body that has been decoded for its PDUs' fields only. The bytes of a PDU
+    are cut out of it when a check first needs the whole event (one decode for the whole
+    transaction, then shared): most transactions never need any."""
+
+    __slots__ = ("_body", "_pdus")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._pdus: list[msgspec.Raw] | None = None
+
+    def pdu(self, position: int) -> bytes:
+        if self._pdus is None:
+            try:
+                self._pdus = _TXN_DECODER.decode(self._body).pdus
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                self._pdus = []  # cannot happen: the same body decoded a moment ago
+        return bytes(self._pdus[position]) if position < len(self._pdus) else b"{}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +198,34 @@ class _WireTransaction(msgspec.Struct, gc=False):
     edus: list[object] = []
 
 
+class _WireTransactionFields(msgspec.Struct, gc=False):
+    origin: object = None
+    pdus: list[_WirePdu] = []
+    edus: list[object] = []
+
+
 _TXN_DECODER = msgspec.json.Decoder(_WireTransaction)
 _PDU_DECODER = msgspec.json.Decoder(_WirePdu)
+_TXN_FIELDS_DECODER = msgspec.json.Decoder(_WireTransactionFields)
 # Skipping over a field, msgspec checks neither UTF-8 nor the stdlib's 4,300-digit limit
 # on integers; these two cheap scans send such bodies to the stdlib path instead.
 _DIGIT_RUNS = bytes(0x39 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_TOO_MANY_DIGITS = b"9" * (4300 + 1)
+_MAX_DIGITS = 4300
+_TOO_MANY_DIGITS = b"9" * (_MAX_DIGITS + 1)
+
+
+def _has_too_many_digits(body: bytes) -> bool:
+    """Whether `body` holds a run of more than 4,300 digits. Such a run covers one of the
+    positions 4300, 8601, 12902, … (every 4,301st byte), and 4,301 of its digits lie
+    within 4,300 bytes either side of it: only the windows around the positions that hold
+    a digit are scanned, not the whole body."""
+    run = _MAX_DIGITS + 1
+    for i in range(_MAX_DIGITS, len(body), run):
+        if 0x30 <= body[i] <= 0x39:
+            window = body[max(0, i - _MAX_DIGITS) : i + run]
+            if _TOO_MANY_DIGITS in window.translate(_DIGIT_RUNS):
+                return True
+    return False
 
 
 def _malformed(
@@ -228,9 +276,10 @@ def _make_pdu(
     check_size: bool,
     servers: dict[str, bool] | None,
     hashes: object = None,
+    source: TransactionBytes | None = None,
 ) -> Pdu | Finding:
     room_id, sender, event_type, state_key = fields
-    if event_type == "m.room.create" and room_id is None:
+    if room_id is None and event_type == "m.room.create":
         # Room v12: the create event has no room_id; the room ID is derived from its hash.
         if event is None:
             event = _decode_event(raw or b"{}")
@@ -238,21 +287,13 @@ def _make_pdu(
             room_id = compute_room_id_v12(event)
         except (ValueError, TypeError, RecursionError):
             room_id = None
-    problems = []
-    if not isinstance(room_id, str):
-        problems.append("room_id")
-    if not isinstance(sender, str):
-        problems.append("sender")
-    if not isinstance(event_type, str):
-        problems.append("type")
-    if state_key is not None and not isinstance(state_key, str):
-        problems.append("state_key")
-    if problems:
-        return _malformed(
-            Rule.MALFORMED_PDU, f"PDU {position} lacks or mistypes: {', '.join(problems)}", origin
-        )
-    assert isinstance(room_id, str) and isinstance(sender, str) and isinstance(event_type, str)
-    assert state_key is None or isinstance(state_key, str)
+    if not (
+        isinstance(room_id, str)
+        and isinstance(sender, str)
+        and isinstance(event_type, str)
+        and (state_key is None or isinstance(state_key, str))
+    ):
+        return _mistyped(position, fields, origin)
     if servers is None:
         sender_server = server_of_user(sender)
     else:
@@ -277,6 +318,7 @@ def _make_pdu(
         state_key,
         raw,
         sha256 if isinstance(sha256, str) and len(sha256) < 100 else None,
+        source,
     )
     if not check_size:
         return pdu
@@ -297,30 +339,58 @@ def _make_pdu(
     return pdu
 
 
+def _mistyped(
+    position: int, fields: tuple[object, object, object, object], origin: str | None
+) -> Finding:
+    room_id, sender, event_type, state_key = fields
+    problems = [
+        name
+        for name, value in (("room_id", room_id), ("sender", sender), ("type", event_type))
+        if not isinstance(value, str)
+    ]
+    if state_key is not None and not isinstance(state_key, str):
+        problems.append("state_key")
+    return _malformed(
+        Rule.MALFORMED_PDU, f"PDU {position} lacks or mistypes: {', '.join(problems)}", origin
+    )
+
+
 def _parse_fast(body: bytes, txn_id: str, origin: str | None) -> Transaction | None:
     """The common case: msgspec decodes only the fields the checks need and keeps each PDU
     as bytes. None hands the body to the stdlib path, which decides anything unusual
     (wrong types, a PDU that is not an object, NaN, …), so both paths accept and refuse
     exactly the same bodies (tests/rules/test_federation.py checks this with hypothesis)."""
+    servers: dict[str, bool] = {}
+    parsed: list[Pdu | Finding] = []
     try:
         body.decode("utf-8")
-        if len(body) > 4300 and _TOO_MANY_DIGITS in body.translate(_DIGIT_RUNS):
+        if _has_too_many_digits(body):
             return None
+        if len(body) <= MAX_PDU_BYTES:
+            # No PDU can be over the size limit: one decode reads every PDU's fields, and
+            # a PDU's bytes are cut out only if a check needs the whole event.
+            small = _TXN_FIELDS_DECODER.decode(body)
+            if len(small.pdus) > MAX_PDUS or len(small.edus) > MAX_EDUS:
+                return None
+            source = TransactionBytes(body)
+            for position, f in enumerate(small.pdus):
+                fields = (f.room_id, f.sender, f.type, f.state_key)
+                pdu = _make_pdu(
+                    position, fields, None, None, origin, False, servers, f.hashes, source
+                )
+                parsed.append(pdu)
+            return _transaction(txn_id, origin, small.origin, parsed, small.edus)
         wire = _TXN_DECODER.decode(body)
         if len(wire.pdus) > MAX_PDUS or len(wire.edus) > MAX_EDUS:
             return None
-        fields = [_PDU_DECODER.decode(raw) for raw in wire.pdus]
+        decoded = [_PDU_DECODER.decode(raw) for raw in wire.pdus]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    servers: dict[str, bool] = {}
-    parsed: list[Pdu | Finding] = []
-    for position, (raw_pdu, f) in enumerate(zip(wire.pdus, fields, strict=True)):
+    for position, (raw_pdu, f) in enumerate(zip(wire.pdus, decoded, strict=True)):
         raw = bytes(raw_pdu)
-        fields_needed = (f.room_id, f.sender, f.type, f.state_key)
+        fields = (f.room_id, f.sender, f.type, f.state_key)
         check_size = len(raw) > MAX_PDU_BYTES
-        parsed.append(
-            _make_pdu(position, fields_needed, None, raw, origin, check_size, servers, f.hashes)
-        )
+        parsed.append(_make_pdu(position, fields, None, raw, origin, check_size, servers, f.hashes))
     return _transaction(txn_id, origin, wire.origin, parsed, wire.edus)
 
 

@@ -43,7 +43,8 @@ def _unquote(value: str) -> str:
     if value.startswith('"'):
         if len(value) < 2 or not value.endswith('"'):
             raise ValueError("unterminated quote")
-        return _ESCAPE.sub(lambda m: m.group(1), value[1:-1])
+        inner = value[1:-1]
+        return _ESCAPE.sub(lambda m: m.group(1), inner) if "\\" in inner else inner
     return value
 
 

@@ -139,3 +139,24 @@ async def test_a_refetch_that_finds_the_same_state_keeps_the_policy_object():
     cache.mark_stale(ROOM)
     changed = await cache.get(ROOM, 1.0)
     assert changed is not first and changed.state_ids[("m.room.server_acl", "")] == "$acl2"
+
+
+async def test_a_transaction_of_cached_rooms_is_answered_without_yielding():
+    """get_many over rooms all cached completes in one step (it never suspends: no task,
+    no pass of the event loop per transaction); one cold room among them is fetched once,
+    and each room gets its own answer."""
+    other = "!other:hs.test"
+    source = SlowSource({ROOM: policy(), other: policy(other)})
+    cache = RoomStateCache(source)
+    await cache.get(ROOM, 1.0)
+    step = cache.get_many({ROOM}, 1.0)
+    try:
+        step.send(None)
+    except StopIteration as done:
+        assert done.value == {ROOM: await cache.get(ROOM, 1.0)}
+    else:
+        step.close()
+        raise AssertionError("get_many suspended for a cached room")
+    both = await cache.get_many({ROOM, other}, 1.0)
+    assert both[ROOM].room_id == ROOM and both[other].room_id == other
+    assert source.fetches == 2

@@ -259,3 +259,42 @@ def test_fast_path_is_taken_and_leaves_pdus_undecoded():
     assert all(p._event is None for p in txn.pdus)
     assert txn.pdus[0].event == json.loads(raw)["pdus"][0]
     assert _parse_fast(raw.replace(b'"n": 1', b'"n": ' + b"1" * 4301), "t", "a.test") is None
+
+
+def test_digit_runs_are_found_wherever_they_sit():
+    """The sampled scan for runs of more than 4,300 digits (which the fast path would skip
+    over and the stdlib refuses) answers as a scan of the whole body does, for runs just
+    under, at and over the limit, at every offset around the sampled positions, and for
+    runs split by one non-digit."""
+    from rules.federation import _DIGIT_RUNS, _TOO_MANY_DIGITS, _has_too_many_digits
+
+    offsets = [*range(0, 60), *range(4240, 4360), *range(8540, 8660), 12_000]
+    for length in (4300, 4301, 4302, 9000):
+        for offset in offsets:
+            text = b'{"a": "' + b"x" * offset + b'"' + b"1" * length + b"}"
+            expected = _TOO_MANY_DIGITS in text.translate(_DIGIT_RUNS)
+            assert _has_too_many_digits(text) is expected, (length, offset)
+            assert expected is (length > 4300)
+    split = b"1" * 4300 + b"," + b"1" * 4300
+    assert not _has_too_many_digits(b"[" + split + b"]")
+
+
+def test_bodies_over_the_pdu_limit_take_the_per_pdu_path_alike():
+    """A transaction longer than the PDU size limit (here 40 PDUs of 2 KB, one of them
+    over the limit) is cut into PDUs to check each one's size, and parses as the stdlib
+    path does; a shorter one is read in one pass, its PDUs' bytes cut out only on demand."""
+    from rules.federation import _parse_fast, _parse_stdlib
+
+    pdus = [pdu(content={"body": f"{i} " + "x" * 2000}) for i in range(40)]
+    pdus[7] = pdu(content={"big": "x" * MAX_PDU_BYTES})
+    raw = body(pdus)
+    fast = _parse_fast(raw, "t", "a.test")
+    assert fast is not None and len(raw) > MAX_PDU_BYTES
+    assert [f.detail for f in fast.bad_pdus] == [
+        f.detail for f in _parse_stdlib(raw, "t", "a.test").bad_pdus
+    ]
+    assert len(fast.bad_pdus) == 1 and "PDU 7 is" in fast.bad_pdus[0].detail
+    assert _summary(fast) == _summary(_parse_stdlib(raw, "t", "a.test"))
+    small = _parse_fast(body(pdus[:3]), "t", "a.test")
+    assert small is not None and all(p._raw is None for p in small.pdus)
+    assert [p.event for p in small.pdus] == pdus[:3]
