@@ -31,7 +31,6 @@ from proxy_addons.recording import count_items, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from proxy_addons.store import KnockRecord
 from proxy_addons.verdicts import EdgeVerdict
-from rules.canonical import encode_canonical_json
 from rules.checks import (
     ItemVerdict,
     StateUnavailable,
@@ -283,6 +282,7 @@ class Enforcer:
             content, reason = parse_json_body(body)
             if reason is not None:
                 content = None
+        state.content = content  # the /send checks take their PDUs' events from it
         ok = verify_request_signature(
             auth,
             flow.request.method,
@@ -336,7 +336,8 @@ class Enforcer:
         origin = state.auth.origin
         txn_id = state.endpoint.txn_id or ""
         body = request_body(flow)
-        txn = parse_transaction(body, txn_id, origin)
+        txn = parse_transaction(body, txn_id, origin, decoded=state.content)
+        state.content = None
         state.pdu_count = len(txn.pdus)
         if txn.error is not None:
             return self._refuse_request(runtime, flow, state, txn.error, 400, "M_BAD_JSON")
@@ -647,15 +648,14 @@ async def _verify_signatures(
     digest = hashlib.sha256(signed).digest() if signed is not None else None
     signatures = event.get("signatures")
     key: bytes | None = None
+    signers: frozenset[str] | None = None
     if digest is not None and isinstance(signatures, dict):
-        try:
-            key = runtime.signatures.key(digest, encode_canonical_json(signatures))
-        except (ValueError, TypeError, RecursionError):
-            key = None
+        key = runtime.signatures.key(digest, signatures)
         cached = runtime.signatures.get(key) if key is not None else None
         if cached is not None:
             return cached, digest
-        for server in required_signers(event, room_version):
+        signers = required_signers(event, room_version)
+        for server in signers:
             key_ids = signatures.get(server)
             if isinstance(key_ids, dict):
                 for key_id in list(key_ids)[:4]:
@@ -665,7 +665,9 @@ async def _verify_signatures(
                         and runtime.keys.lookup(server, key_id) is None
                     ):
                         await runtime.keys.ensure(server, key_id)
-    result = verify_event_signatures(event, room_version, runtime.keys.lookup, signed=signed)
+    result = verify_event_signatures(
+        event, room_version, runtime.keys.lookup, signed=signed, signers=signers
+    )
     if key is not None:
         runtime.signatures.put(key, result)
     return result, digest

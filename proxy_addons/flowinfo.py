@@ -36,6 +36,9 @@ class FlowState:
     stale_rooms: set[str] = field(default_factory=set)
     answered_locally: bool = False
     pdu_count: int = 0  # PDUs of a /send, for the per-PDU decision time
+    # The body as decoded to check its X-Matrix signature, until the /send checks have
+    # taken their PDUs' events from it (each would otherwise be decoded again).
+    content: object = None
 
 
 def request_auth(flow: http.HTTPFlow) -> XMatrixAuth | None:

@@ -6,10 +6,14 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
+
 from rules.findings import Decision, Finding
 from rules.signatures import SignatureCheck
 
 __all__ = ["EdgeVerdict", "SignatureCache", "VerdictCache"]
+
+_KEY_ENCODER = msgspec.msgpack.Encoder(order="sorted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +98,17 @@ class SignatureCache:
         return len(self._entries)
 
     @staticmethod
-    def key(signed_digest: bytes, signatures: bytes) -> bytes:
-        """The cache key of a check over `signed_digest` with the canonical `signatures`."""
-        return hashlib.sha256(signed_digest + signatures).digest()
+    def key(signed_digest: bytes, signatures: object) -> bytes | None:
+        """The cache key of a check over `signed_digest` with `signatures` (as decoded from
+        the event); None when they cannot be encoded. A key needs an encoding that is
+        the same for equal values and differs for different ones, not canonical JSON:
+        MessagePack with keys sorted (it keeps 1, 1.0 and infinity apart, which JSON
+        encoders need not), without the canonical encoder's scan for odd types."""
+        try:
+            encoded = _KEY_ENCODER.encode(signatures)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            return None
+        return hashlib.sha256(signed_digest + encoded).digest()
 
     def get(self, key: bytes) -> SignatureCheck | None:
         check = self._entries.get(key)

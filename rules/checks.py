@@ -757,7 +757,7 @@ def with_signature_check(
     server really wrote the event. Missing keys leave the verdict as it was.
     """
     if check.ok:
-        if pdu.sender_server not in check.verified_servers:
+        if not item.findings or pdu.sender_server not in check.verified_servers:
             return item
         findings = tuple(
             replace(f, confidence=Confidence.HIGH)

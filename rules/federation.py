@@ -422,10 +422,29 @@ def _transaction(
     return Transaction(txn_id, origin, pdus, tuple(edus), bad_pdus, tuple(bad_edus), None, warnings)
 
 
-def parse_transaction(body: bytes, txn_id: str, origin: str | None) -> Transaction:
-    """Parse a /send body; `origin` is the authenticated (X-Matrix) origin, if known."""
+def parse_transaction(
+    body: bytes, txn_id: str, origin: str | None, *, decoded: object = None
+) -> Transaction:
+    """Parse a /send body; `origin` is the authenticated (X-Matrix) origin, if known.
+
+    `decoded` is the whole body as parse_json_body gave it, when the caller has it (to
+    check the request's signature): the transaction is read from it, or for a body over
+    the PDU size limit (whose PDUs are measured in their bytes) the PDUs' events are
+    taken from it, not decoded again one by one."""
+    if isinstance(decoded, dict) and len(body) <= MAX_PDU_BYTES:
+        # Decoded as the homeserver decodes it: the reference path, without decoding.
+        return _from_decoded(decoded, len(body), txn_id, origin)
     fast = _parse_fast(body, txn_id, origin)
-    return fast if fast is not None else _parse_stdlib(body, txn_id, origin)
+    if fast is None:
+        return _parse_stdlib(body, txn_id, origin)
+    if isinstance(decoded, dict):
+        events = decoded.get("pdus")
+        if isinstance(events, list) and len(events) == len(fast.pdus) + len(fast.bad_pdus):
+            for pdu in fast.pdus:
+                event = events[pdu.position]
+                if isinstance(event, dict) and pdu._event is None:
+                    pdu._event = event
+    return fast
 
 
 def _parse_stdlib(body: bytes, txn_id: str, origin: str | None) -> Transaction:
@@ -433,6 +452,11 @@ def _parse_stdlib(body: bytes, txn_id: str, origin: str | None) -> Transaction:
     data, reason = _parse_json_stdlib(body)
     if reason is not None:
         return Transaction(txn_id, origin, error=_malformed(Rule.MALFORMED_REQUEST, reason, origin))
+    return _from_decoded(data, len(body), txn_id, origin)
+
+
+def _from_decoded(data: object, size: int, txn_id: str, origin: str | None) -> Transaction:
+    """A transaction from its decoded body (`size` bytes long)."""
     if not isinstance(data, dict):
         return Transaction(
             txn_id,
@@ -453,7 +477,7 @@ def _parse_stdlib(body: bytes, txn_id: str, origin: str | None) -> Transaction:
             f"the limits are {MAX_PDUS} and {MAX_EDUS}"
         )
         return Transaction(txn_id, origin, error=_malformed(Rule.MALFORMED_REQUEST, detail, origin))
-    check_size = len(body) > MAX_PDU_BYTES
+    check_size = size > MAX_PDU_BYTES
     servers: dict[str, bool] = {}
     parsed = [
         parse_pdu(raw, position, origin, check_size=check_size, servers=servers)

@@ -108,14 +108,17 @@ def verify_event_signatures(
     *,
     now_ts: int | None = None,
     signed: bytes | None = None,
+    signers: frozenset[str] | None = None,
 ) -> SignatureCheck:
     """Verify every required signature over the redacted event. Never raises.
 
     Any one valid ed25519 key of a server suffices. From v5 a key's validity must cover
-    the event's origin_server_ts. `signed` is the event's signing_bytes when the caller
-    has them already. `now_ts` is unused for now (kept for key freshness).
+    the event's origin_server_ts. `signed` and `signers` are the event's signing_bytes
+    and required_signers when the caller has them already. `now_ts` is unused for now
+    (kept for key freshness).
     """
-    signers = required_signers(event, room_version)
+    if signers is None:
+        signers = required_signers(event, room_version)
     if not signers:
         return SignatureCheck(False, reason="no valid sender")
     signatures = event.get("signatures")

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
+from nacl.exceptions import BadSignatureError
+from signedjson.sign import sign_json
+from unpaddedbase64 import decode_base64
 
 from rules.canonical import encode_canonical_json
 from rules.servername import parse_server_name
@@ -103,15 +105,15 @@ def verify_request_signature(
     content: object | None,
     verify_key: Any,
 ) -> bool:
-    """Whether `auth.signature` is the origin's signature of this request. Never raises."""
-    obj = _request_object(method, uri, auth.origin, destination, content)
+    """Whether `auth.signature` is the origin's signature of this request. Never raises.
+
+    What signedjson's verify_signed_json does, with modgud's canonical JSON encoder (a
+    /send body is re-encoded for every request: the stdlib encoder behind signedjson
+    took about 0.5 ms for 50 PDUs)."""
     try:
-        # The caller looked the key up by auth.key_id; file the signature under the
-        # key's own ID, which is where signedjson looks for it.
-        key_id = f"{verify_key.alg}:{verify_key.version}"
-        obj["signatures"] = {auth.origin: {key_id: auth.signature}}
-        verify_signed_json(obj, auth.origin, verify_key)
-    except (SignatureVerifyException, ValueError, TypeError, KeyError, RecursionError):
+        signed = request_signing_bytes(method, uri, auth.origin, destination, content)
+        verify_key.verify(signed, decode_base64(auth.signature))
+    except (BadSignatureError, ValueError, TypeError, RecursionError):
         return False
     return True
 

@@ -47,3 +47,27 @@ async def test_repeated_and_relayed_events_are_verified_once(make_runtime, monke
     await run_edge(holder, flow)
     assert calls == ["once", "once"]
     assert [r["rule"] for r in recorded_findings(holder)].count("signature.event") == 1
+
+
+def test_cache_keys_tell_signatures_apart_that_json_could_conflate():
+    """The cache key encodes the signatures as decoded: the order of their keys does not
+    matter, but values a JSON encoder may write alike (1 and 1.0, infinity and null) and
+    any changed signature give other keys; a digest of other signed bytes too."""
+    from proxy_addons.verdicts import SignatureCache
+
+    digest = b"d" * 32
+    sigs = {"a.test": {"ed25519:1": "sig", "ed25519:2": "other"}, "b.test": {"ed25519:1": "x"}}
+    reordered = {"b.test": {"ed25519:1": "x"}, "a.test": {"ed25519:2": "other", "ed25519:1": "sig"}}
+    key = SignatureCache.key(digest, sigs)
+    assert key is not None and key == SignatureCache.key(digest, reordered)
+    assert key != SignatureCache.key(b"e" * 32, sigs)
+    variants = [
+        {"a.test": {"ed25519:1": "sih", "ed25519:2": "other"}, "b.test": {"ed25519:1": "x"}},
+        {"a.test": {"ed25519:1": 1}},
+        {"a.test": {"ed25519:1": 1.0}},
+        {"a.test": {"ed25519:1": float("inf")}},
+        {"a.test": {"ed25519:1": None}},
+    ]
+    keys = [SignatureCache.key(digest, v) for v in variants]
+    assert key not in keys and len(set(keys)) == len(keys)
+    assert SignatureCache.key(digest, {"a.test": object()}) is None  # not encodable: no cache

@@ -243,9 +243,12 @@ def test_fast_path_parses_transactions_exactly_like_the_stdlib_path(value, extra
     raw = json.dumps(value).encode()
     spliced = raw.replace(b'"content": ', b'"content": ' + splice + b', "_": ', 1)
     for body_bytes in (raw, raw + extra, spliced, raw.replace(b"a.test", b"a.t\xffst")):
-        assert _summary(parse_transaction(body_bytes, "t", "a.test")) == _summary(
-            _parse_stdlib(body_bytes, "t", "a.test")
-        )
+        reference = _summary(_parse_stdlib(body_bytes, "t", "a.test"))
+        assert _summary(parse_transaction(body_bytes, "t", "a.test")) == reference
+        # The events taken from the body as decoded for its X-Matrix check are the same.
+        decoded, _ = parse_json_body(body_bytes)
+        shared = parse_transaction(body_bytes, "t", "a.test", decoded=decoded)
+        assert _summary(shared) == reference
 
 
 def test_fast_path_is_taken_and_leaves_pdus_undecoded():
@@ -295,6 +298,19 @@ def test_bodies_over_the_pdu_limit_take_the_per_pdu_path_alike():
     ]
     assert len(fast.bad_pdus) == 1 and "PDU 7 is" in fast.bad_pdus[0].detail
     assert _summary(fast) == _summary(_parse_stdlib(raw, "t", "a.test"))
+    shared = parse_transaction(raw, "t", "a.test", decoded=parse_json_body(raw)[0])
+    assert _summary(shared) == _summary(fast)
+    assert all(p._event is not None for p in shared.pdus)  # events taken, not decoded
     small = _parse_fast(body(pdus[:3]), "t", "a.test")
     assert small is not None and all(p._raw is None for p in small.pdus)
     assert [p.event for p in small.pdus] == pdus[:3]
+
+
+def test_events_come_from_the_body_already_decoded():
+    """Given the body as decoded for the request's signature check, a PDU's event is that
+    very dict (not decoded again)."""
+    raw = body([pdu(content={"n": i}) for i in range(3)] + [pdu(room_id=5)])
+    decoded, _ = parse_json_body(raw)
+    txn = parse_transaction(raw, "t", "a.test", decoded=decoded)
+    assert [p.event is decoded["pdus"][p.position] for p in txn.pdus] == [True] * 3
+    assert len(txn.bad_pdus) == 1
