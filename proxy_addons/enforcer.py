@@ -359,7 +359,9 @@ class Enforcer:
             if item.findings and trusted:
                 runtime.refused.add_findings(item.findings)
         for pdu in txn.pdus:
-            if pdu.event_type in RELEVANT_STATE_TYPES and pdu.state_key is not None:
+            if pdu.state_key is None:  # only state changes a room's or the policy's state
+                continue
+            if pdu.event_type in RELEVANT_STATE_TYPES:
                 state.stale_rooms.add(pdu.room_id)
             if runtime.policy.watches(pdu.room_id, pdu.event_type):
                 runtime.policy.mark_stale()

@@ -587,6 +587,7 @@ def check_transaction(
     per_event_checks = bool(len(policy.bans))
     servers_ok: set[tuple[str, str]] = set()
     pdus: list[ItemVerdict] = []
+    allow = Decision.ALLOW
     for pdu in txn.pdus:
         key = (pdu.room_id, pdu.sender_server)
         checked = key in servers_ok
@@ -598,7 +599,7 @@ def check_transaction(
             and pdu.event_type != "m.room.member"
             and not in_refused_room
         ):
-            pdus.append(ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id))
+            pdus.append(ItemVerdict(pdu.position, allow, (), None, pdu.room_id))
             continue
         item = check_pdu(
             pdu,
