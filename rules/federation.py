@@ -282,6 +282,8 @@ def _make_pdu(
     if room_id is None and event_type == "m.room.create":
         # Room v12: the create event has no room_id; the room ID is derived from its hash.
         if event is None:
+            if raw is None and source is not None:
+                raw = source.pdu(position)
             event = _decode_event(raw or b"{}")
         try:
             room_id = compute_room_id_v12(event)

@@ -306,6 +306,21 @@ def test_bodies_over_the_pdu_limit_take_the_per_pdu_path_alike():
     assert [p.event for p in small.pdus] == pdus[:3]
 
 
+def test_a_v12_create_event_gets_its_room_id_on_every_path():
+    """Room v12's m.room.create has no room_id: its room ID is derived from its own hash,
+    and the one-decode path (PDU bytes cut out on demand) derives the same one as the
+    per-PDU and stdlib paths."""
+    from rules.federation import _parse_fast, _parse_stdlib
+
+    create = {"sender": "@u:a.test", "type": "m.room.create", "content": {"room_version": "12"}}
+    small = body([create])
+    big = body([create, pdu(content={"pad": "x" * MAX_PDU_BYTES})])
+    reference = _parse_stdlib(small, "t", "a.test").pdus[0].room_id
+    assert reference.startswith("!")
+    assert _parse_fast(small, "t", "a.test").pdus[0].room_id == reference
+    assert _parse_fast(big, "t", "a.test").pdus[0].room_id == reference
+
+
 def test_events_come_from_the_body_already_decoded():
     """Given the body as decoded for the request's signature check, a PDU's event is that
     very dict (not decoded again)."""
