@@ -129,6 +129,7 @@ class Enforcer:
         except Exception:
             outcome = self._internal_error(runtime, flow, "edge")
         finally:
+            state.content = None  # the decoded body: not kept for the flow's lifetime
             if runtime.config.mode is Mode.SINK and flow.response is None:
                 _answer_as_sink(flow, state)
                 outcome = "sink"
@@ -337,7 +338,6 @@ class Enforcer:
         txn_id = state.endpoint.txn_id or ""
         body = request_body(flow)
         txn = parse_transaction(body, txn_id, origin, decoded=state.content)
-        state.content = None
         state.pdu_count = len(txn.pdus)
         if txn.error is not None:
             return self._refuse_request(runtime, flow, state, txn.error, 400, "M_BAD_JSON")

@@ -36,8 +36,8 @@ class FlowState:
     stale_rooms: set[str] = field(default_factory=set)
     answered_locally: bool = False
     pdu_count: int = 0  # PDUs of a /send, for the per-PDU decision time
-    # The body as decoded to check its X-Matrix signature, until the /send checks have
-    # taken their PDUs' events from it (each would otherwise be decoded again).
+    # The body as decoded to check its X-Matrix signature, while the edge checks the
+    # request: a /send's PDUs are read from it, not decoded again.
     content: object = None
 
 
