@@ -72,9 +72,9 @@ class GlobSet:
       of them matches (long keys, few globs sharing it). A name's own runs of four (and of
       three, if any glob needed one) are intersected with the index in C, its first and
       last one to three characters looked up, and only the globs filed under what it
-      contains are matched one by one. Globs with no key
-      at all (`*a*`, `?*`) are scanned; there are few, and each costs
-      O(len(name) * len(pattern)) at worst (see rules.glob).
+      contains are matched one by one. Globs with no key at all (`*a*`, `?*`) are
+      scanned; there are few, and each costs O(len(name) * len(pattern)) at worst (see
+      rules.glob).
     """
 
     __slots__ = (
