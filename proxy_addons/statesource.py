@@ -131,11 +131,17 @@ class RoomStateCache:
             return UNAVAILABLE
         return entry.policy
 
-    async def get(self, room_id: str, timeout: float) -> RoomPolicy | None | StateUnavailable:
-        """The room's policy; UNAVAILABLE when it cannot be had within `timeout`."""
+    def _hit(self, room_id: str) -> RoomPolicy | None | StateUnavailable:
+        """peek(), and a fresh entry counts as used (the least used rooms are evicted)."""
         cached = self.peek(room_id)
         if not isinstance(cached, StateUnavailable):
             self._entries.move_to_end(room_id)
+        return cached
+
+    async def get(self, room_id: str, timeout: float) -> RoomPolicy | None | StateUnavailable:
+        """The room's policy; UNAVAILABLE when it cannot be had within `timeout`."""
+        cached = self._hit(room_id)
+        if not isinstance(cached, StateUnavailable):
             return cached
         future = self._inflight.get(room_id)
         if future is None:
@@ -155,11 +161,10 @@ class RoomStateCache:
         found: dict[str, RoomPolicy | None | StateUnavailable] = {}
         missing = []
         for room_id in room_ids:
-            cached = self.peek(room_id)
+            cached = self._hit(room_id)
             if isinstance(cached, StateUnavailable):
                 missing.append(room_id)
             else:
-                self._entries.move_to_end(room_id)
                 found[room_id] = cached
         if missing:
             results = await asyncio.gather(*(self.get(r, timeout) for r in missing))
