@@ -362,37 +362,36 @@ def _parse_fast(body: bytes, txn_id: str, origin: str | None) -> Transaction | N
     as bytes. None hands the body to the stdlib path, which decides anything unusual
     (wrong types, a PDU that is not an object, NaN, …), so both paths accept and refuse
     exactly the same bodies (tests/rules/test_federation.py checks this with hypothesis)."""
-    servers: dict[str, bool] = {}
-    parsed: list[Pdu | Finding] = []
     try:
         body.decode("utf-8")
         if _has_too_many_digits(body):
             return None
-        if len(body) <= MAX_PDU_BYTES:
-            # No PDU can be over the size limit: one decode reads every PDU's fields, and
-            # a PDU's bytes are cut out only if a check needs the whole event.
-            small = _TXN_FIELDS_DECODER.decode(body)
-            if len(small.pdus) > MAX_PDUS or len(small.edus) > MAX_EDUS:
-                return None
-            source = TransactionBytes(body)
-            for position, f in enumerate(small.pdus):
-                fields = (f.room_id, f.sender, f.type, f.state_key)
-                pdu = _make_pdu(
-                    position, fields, None, None, origin, False, servers, f.hashes, source
-                )
-                parsed.append(pdu)
-            return _transaction(txn_id, origin, small.origin, parsed, small.edus)
-        wire = _TXN_DECODER.decode(body)
+        # Up to the PDU size limit, no PDU can be over it: one decode reads every PDU's
+        # fields, and a PDU's bytes are cut out only if a check needs the whole event.
+        # Longer bodies are cut into PDUs, each measured in its own bytes.
+        small = len(body) <= MAX_PDU_BYTES
+        wire = (_TXN_FIELDS_DECODER if small else _TXN_DECODER).decode(body)
         if len(wire.pdus) > MAX_PDUS or len(wire.edus) > MAX_EDUS:
             return None
-        decoded = [_PDU_DECODER.decode(raw) for raw in wire.pdus]
+        fields_of: list[_WirePdu]
+        raws: list[bytes | None]
+        source: TransactionBytes | None = None
+        if isinstance(wire, _WireTransactionFields):
+            fields_of, raws = wire.pdus, [None] * len(wire.pdus)
+            source = TransactionBytes(body)
+        else:
+            fields_of = [_PDU_DECODER.decode(raw) for raw in wire.pdus]
+            raws = [bytes(raw) for raw in wire.pdus]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    for position, (raw_pdu, f) in enumerate(zip(wire.pdus, decoded, strict=True)):
-        raw = bytes(raw_pdu)
+    servers: dict[str, bool] = {}
+    parsed: list[Pdu | Finding] = []
+    for position, (f, raw) in enumerate(zip(fields_of, raws, strict=True)):
         fields = (f.room_id, f.sender, f.type, f.state_key)
-        check_size = len(raw) > MAX_PDU_BYTES
-        parsed.append(_make_pdu(position, fields, None, raw, origin, check_size, servers, f.hashes))
+        check_size = raw is not None and len(raw) > MAX_PDU_BYTES
+        parsed.append(
+            _make_pdu(position, fields, None, raw, origin, check_size, servers, f.hashes, source)
+        )
     return _transaction(txn_id, origin, wire.origin, parsed, wire.edus)
 
 
