@@ -29,6 +29,7 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from rules.roomversion import get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
+from tests.bench.profile import format_breakdown, read_breakdown
 from tests.bench.results import record
 
 ORIGIN = "sender.bench"
@@ -308,6 +309,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, int(len(ordered) * q) - 1)]
 
 
+PROFILE_RATE = 200  # py-spy samples per second
+
+
 def _profile(kind: str, pid: int) -> subprocess.Popen[bytes] | None:
     """BENCH_PROFILE=DIR: record a py-spy flame graph of each proxy during its run."""
     out = os.environ.get("BENCH_PROFILE")
@@ -315,7 +319,7 @@ def _profile(kind: str, pid: int) -> subprocess.Popen[bytes] | None:
         return None
     Path(out).mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
-    cmd = [str(spy), "record", "-p", str(pid), "-d", str(int(DURATION)), "-r", "200"]
+    cmd = [str(spy), "record", "-p", str(pid), "-d", str(int(DURATION)), "-r", str(PROFILE_RATE)]
     cmd += ["-f", "raw", "-o", str(Path(out) / f"{kind}.txt")]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -476,6 +480,8 @@ async def main() -> int:
                 2.0,
                 unit=" ms",
             )
+    if os.environ.get("BENCH_PROFILE"):
+        _print_profiles(Path(os.environ["BENCH_PROFILE"]), rounds)
     for kind, label in (("modgud", "off"), ("modgud+sig", "on")):
         run = results[kind]
         assert run.cpu_ms is not None and base.cpu_ms is not None
@@ -484,6 +490,18 @@ async def main() -> int:
             f"CPU per transaction {base.cpu_ms / run.cpu_ms:.2f}"
         )
     return 0
+
+
+def _print_profiles(out: Path, rounds: dict[str, list[Run]]) -> None:
+    """Where each proxy's CPU went, from the profile of its last round (each round's
+    profile overwrites the one before)."""
+    columns = {}
+    for kind, runs in rounds.items():
+        parts = read_breakdown(out / f"{kind}.txt", len(runs[-1].latencies), PROFILE_RATE)
+        if parts:
+            columns[kind] = parts
+    if columns:
+        print("\n" + format_breakdown(columns))
 
 
 if __name__ == "__main__":
