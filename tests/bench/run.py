@@ -313,12 +313,17 @@ PROFILE_RATE = 200  # py-spy samples per second
 
 
 def _profile(kind: str, pid: int) -> subprocess.Popen[bytes] | None:
-    """BENCH_PROFILE=DIR: record a py-spy flame graph of each proxy during its run."""
+    """BENCH_PROFILE=DIR: record a py-spy profile (raw stacks) of each proxy during its run;
+    the benchmark ends with where the CPU went (tests/bench/profile.py)."""
     out = os.environ.get("BENCH_PROFILE")
     if not out:
         return None
-    Path(out).mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit(
+            f"BENCH_PROFILE needs py-spy: {Path(sys.executable)} -m pip install py-spy"
+        )
+    Path(out).mkdir(parents=True, exist_ok=True)
     cmd = [str(spy), "record", "-p", str(pid), "-d", str(int(DURATION)), "-r", str(PROFILE_RATE)]
     cmd += ["-f", "raw", "-o", str(Path(out) / f"{kind}.txt")]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
