@@ -27,7 +27,8 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("modgud edge: event index", ("EventIndex.see (",)),
     ("modgud edge: the rest (flow state, verdicts, metrics)", ("Enforcer.",)),
     ("modgud outbound watcher", ("OutboundWatcher.",)),
-    ("modgud event hook (its thread)", ("EventHook._serve (",)),
+    # its own thread, and what it hands to the main loop (rooms to fetch, findings)
+    ("modgud event hook", ("EventHook._serve (", "evaluate_event (", "decide_invite (")),
     ("modgud SQLite writer (its thread)", ("FindingStore._run (",)),
     ("mitmproxy: addon hooks and their dispatch", ("AddonManager.",)),
     ("mitmproxy: HTTP, connections, event loop", ("",)),

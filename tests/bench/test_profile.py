@@ -18,6 +18,8 @@ RAW = "\n".join(
         f"{EDGE};flow_state (proxy_addons/flowinfo.py:80) 5",
         f"{HOOKS};MapLocal.request (mitmproxy/addons/maplocal.py:1) 7",
         f"{LOOP};HttpLayer._handle_event (mitmproxy/proxy/layers/http/__init__.py:1) 20",
+        # the hook's work handed to the main loop is the hook's, not mitmproxy's
+        f"{LOOP};evaluate_event (proxy_addons/eventhook.py:150);check_event (r.py:1) 2",
         "Thread._bootstrap (threading.py:1);FindingStore._run (proxy_addons/store.py:1);"
         "FindingStore._write (proxy_addons/store.py:2) 8",
         # waiting: idle, left out
@@ -36,11 +38,12 @@ def test_samples_go_to_the_first_part_that_holds_them_and_idle_ones_nowhere() ->
         "modgud edge: checks (ACL, policy, leaks)": pytest.approx(5.0),
         "modgud edge: the rest (flow state, verdicts, metrics)": pytest.approx(2.5),
         "modgud SQLite writer (its thread)": pytest.approx(4.0),
+        "modgud event hook": pytest.approx(1.0),
         "mitmproxy: addon hooks and their dispatch": pytest.approx(3.5),
         "mitmproxy: HTTP, connections, event loop": pytest.approx(10.0),
     }
     # every busy sample is counted once
-    assert sum(parts.values()) == pytest.approx((30 + 10 + 5 + 7 + 20 + 8) * 5 / 10)
+    assert sum(parts.values()) == pytest.approx((30 + 10 + 5 + 7 + 20 + 2 + 8) * 5 / 10)
 
 
 def test_the_table_has_a_row_per_part_present_and_the_totals() -> None:
@@ -52,7 +55,7 @@ def test_the_table_has_a_row_per_part_present_and_the_totals() -> None:
     )
     lines = table.splitlines()
     assert lines[0].split()[-2:] == ["mitmdump", "modgud"]
-    assert lines[-1].split()[-2:] == ["20.000", "40.000"]
+    assert lines[-1].split()[-2:] == ["20.000", "41.000"]
     named = {part for part, _ in PARTS}
     rows = lines[1:-1]
-    assert len(rows) == 6 and all(any(row.startswith(p) for p in named) for row in rows)
+    assert len(rows) == 7 and all(any(row.startswith(p) for p in named) for row in rows)
