@@ -21,6 +21,7 @@ from proxy_addons.config import Mode
 from proxy_addons.endpoints import EndpointClass
 from proxy_addons.flowinfo import (
     FlowState,
+    declared_body_size,
     flow_state,
     json_response,
     known_flow_state,
@@ -88,12 +89,52 @@ class Enforcer:
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A body over `max_body_bytes`, or one whose headers do not bound its length, is
+        dealt with before mitmproxy reads it: mitmproxy holds a request's whole body before
+        the `request` hook, so any client could otherwise make modgud hold any amount of
+        memory.
+
+        A request modgud checks (/send, room data, /event) is closed unread when enforcing,
+        as Synapse's own listener does with a body over its limit, and streamed to the
+        homeserver unread when auditing; a finding says which, blaming nobody (nothing was
+        verified). A request modgud does not read is streamed through unread (the
+        homeserver applies its own limits). A sink, which forwards nothing, closes both."""
+        runtime = self.holder.runtime
+        if runtime is None or flow.response or not flow.live or is_outbound(flow, runtime):
+            return
+        size, limit = declared_body_size(flow), runtime.config.max_body_bytes
+        if size is not None and size <= limit:
+            return
+        state = flow_state(flow)
+        mode = runtime.config.mode
+        checked = state.endpoint.cls in _AUTHENTICATED
+        close = mode is Mode.SINK or (checked and mode is Mode.ENFORCE)
+        if checked:
+            what = (
+                "of undeclared length (chunked or unbounded)"
+                if size is None
+                else f"of {size} bytes is over the {limit}-byte limit"
+            )
+            action = "connection closed unread" if close else "streamed to the homeserver unread"
+            finding = _oversized(state, f"{state.endpoint.name} body {what}; {action}")
+            self._record(runtime, state, [finding], rejected=close)
+        if close:
+            flow.kill()
+        else:
+            flow.request.stream = True
+            state.unread = True
+        outcome = "refused" if close else "forwarded"
+        runtime.metrics.requests.labels("inbound", state.endpoint.cls.value, outcome).inc()
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         runtime = self.holder.runtime
         if runtime is None or is_outbound(flow, runtime):
             return
+        if (known := known_flow_state(flow)) is not None and known.unread:
+            return  # streamed unread (requestheaders); there is no body to check
         # Counted from here, not from forwarding: a stop that begins while the checks
         # await must still wait for this request's answer if it is then forwarded.
         runtime.inflight.add(flow.id)
@@ -322,13 +363,8 @@ class Enforcer:
         """Over max_body_bytes: refused before anything parses it, X-Matrix included (its
         verification needs the body), so the claimed origin is not blamed."""
         size, limit = len(request_body(flow)), runtime.config.max_body_bytes
-        finding = Finding(
-            Rule.MALFORMED_REQUEST,
-            Severity.WARNING,
-            f"{state.endpoint.name} body of {size} bytes is over the {limit}-byte limit",
-            origin=state.auth.origin if state.auth else None,
-            confidence=Confidence.LOW,
-        )
+        detail = f"{state.endpoint.name} body of {size} bytes is over the {limit}-byte limit"
+        finding = _oversized(state, detail)
         return self._refuse_request(runtime, flow, state, finding, 413, "M_TOO_LARGE")
 
     async def _check_send(self, runtime: Runtime, flow: http.HTTPFlow, state: FlowState) -> str:
@@ -563,6 +599,18 @@ class Enforcer:
             endpoint=state.endpoint.name,
             txn_id=state.endpoint.txn_id,
         )
+
+
+def _oversized(state: FlowState, detail: str) -> Finding:
+    """A body over the limit: its X-Matrix signature was not checked (that needs the
+    body), so the claimed origin is named but not blamed."""
+    return Finding(
+        Rule.MALFORMED_REQUEST,
+        Severity.WARNING,
+        detail,
+        origin=state.auth.origin if state.auth else None,
+        confidence=Confidence.LOW,
+    )
 
 
 def _queue_knocks(

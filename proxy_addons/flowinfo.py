@@ -13,6 +13,7 @@ from rules.xmatrix import XMatrixAuth, parse_xmatrix
 
 __all__ = [
     "FlowState",
+    "declared_body_size",
     "flow_state",
     "forget_flow_state",
     "json_response",
@@ -39,6 +40,9 @@ class FlowState:
     # The body as decoded to check its X-Matrix signature, while the edge checks the
     # request: a /send's PDUs are read from it, not decoded again.
     content: object = None
+    # The body was too large to hold, or of unbounded length, and is streamed to the
+    # homeserver unread (Enforcer.requestheaders): the `request` hook has nothing to check.
+    unread: bool = False
 
 
 def request_auth(flow: http.HTTPFlow) -> XMatrixAuth | None:
@@ -81,6 +85,32 @@ def known_flow_state(flow: http.HTTPFlow) -> FlowState | None:
 
 def forget_flow_state(flow: http.HTTPFlow) -> None:
     _STATES.pop(flow, None)
+
+
+# Methods whose requests carry no body when HTTP/2 or 3 headers declare no length.
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+def declared_body_size(flow: http.HTTPFlow) -> int | None:
+    """The size of the request's body as its headers bound it, before it is read; None
+    when they do not bound it: `Transfer-Encoding` (chunked) or a Content-Length that is
+    not one number, and HTTP/2 or 3 requests of a method with a body and no
+    Content-Length (their body runs until the stream ends). An HTTP/1 request with
+    neither header has no body (RFC 9112, 6.3)."""
+    headers = flow.request.headers
+    if "transfer-encoding" in headers:
+        return None
+    lengths = headers.get_all("content-length")
+    if not lengths:
+        if flow.request.http_version.startswith("HTTP/1"):
+            return 0
+        return 0 if flow.request.method.upper() in _BODILESS else None
+    values = {v.strip() for value in lengths for v in value.split(",")}
+    if len(values) != 1:
+        return None
+    value = values.pop()
+    # Over 19 digits (beyond any real length, and int() refuses 4,300): unbounded.
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else None
 
 
 def request_body(flow: http.HTTPFlow) -> bytes:

@@ -98,6 +98,8 @@ def other_headers(draw: st.DrawFn, body: bytes) -> list[tuple[bytes, bytes]]:
         headers.append((b"Content-Type", draw(st.sampled_from(content_types) | st.binary())))
     if draw(st.booleans()):
         headers.append((b"Content-Length", draw(st.sampled_from(lengths))))
+    if draw(st.integers(0, 5)) == 0:
+        headers.append((b"Transfer-Encoding", b"chunked"))
     if draw(st.integers(0, 3)) == 0:
         encoding = st.sampled_from([b"gzip", b"br", b"identity", b"x"])
         headers.append((b"Content-Encoding", draw(encoding)))

@@ -46,13 +46,19 @@ def _check_runtime(runtime, errors_before):
 
 @fuzz(inbound_requests, deployments, answers())
 async def test_enforcer_on_arbitrary_inbound_flows(enforcers, wire_request, deployment, answer):
-    """The request hook, then the response hook on the homeserver's answer (if the
-    request went through): the original or nothing reaches the homeserver, and an answer
-    is replaced only by modgud's own JSON refusal."""
+    """The requestheaders and request hooks, then the response hook on the homeserver's
+    answer (if the request went through): the original or nothing reaches the homeserver,
+    and an answer is replaced only by modgud's own JSON refusal."""
     enforcer = enforcers[deployment]
     runtime = enforcer.holder.runtime
     flow = inbound(tflow.tflow(req=make_request(wire_request)))
     before, errors = request_snapshot(flow), internal_errors(runtime)
+    enforcer.requestheaders(flow)
+    _check_runtime(runtime, errors)
+    if flow.error is not None:  # killed at the headers: mitmproxy closes, nothing goes on
+        assert flow.response is None and not flow.live
+        assert flow.request.get_state() == before
+        return
     await enforcer.request(flow)
     _check_runtime(runtime, errors)
     assert_forwarded_untouched_or_answered(flow, before)

@@ -373,9 +373,10 @@ INSPECTED = [
 async def test_every_inspected_endpoint_refuses_an_oversized_body_unparsed(
     make_runtime, monkeypatch, method, path, endpoint
 ):
-    """/send, the room-data endpoints and /event: a body over max_body_bytes is answered
-    413 M_TOO_LARGE in enforce mode (flagged and forwarded in audit) before anything
-    parses it — not the JSON, not the transaction, not the X-Matrix signature — and the
+    """/send, the room-data endpoints and /event: a body over max_body_bytes that reaches
+    the request hook (a replayed capture: live traffic is stopped at its headers, below)
+    is answered 413 M_TOO_LARGE in enforce mode (flagged and forwarded in audit) before
+    anything parses it — not the JSON, not the transaction, not the X-Matrix signature — and the
     claimed origin is not blamed."""
     no_parsing(
         monkeypatch,
@@ -406,6 +407,145 @@ async def test_a_body_of_exactly_the_limit_is_checked_as_usual(make_runtime):
     assert [r["rule"] for r in recorded_findings(holder)] == []
 
 
+def headers_only(method, path, headers, http_version="HTTP/1.1"):
+    """A flow at mitmproxy's `requestheaders` event: the headers read, the body not yet."""
+    auth = sign_request(method, path, "good.test", LOCAL, None, KEYS["good.test"])
+    request = http.Request.make(method, f"http://{LOCAL}{path}", b"", {"Authorization": auth})
+    request.headers.pop("content-length", None)
+    for name, value in headers:
+        request.headers.add(name, value)
+    request.http_version = http_version
+    return inbound(tflow.tflow(req=request))
+
+
+async def at_requestheaders(holder, flow):
+    """The Enforcer's requestheaders hook, then (when the flow lives on) its request hook,
+    as mitmproxy calls them."""
+    from mitmproxy.test import taddons
+
+    from proxy_addons.enforcer import Enforcer
+
+    enforcer = Enforcer(holder)
+    with taddons.context(enforcer):
+        enforcer.requestheaders(flow)
+        if flow.live:
+            await enforcer.request(flow)
+    return flow
+
+
+OVER = [("content-length", str(LIMIT + 1))]
+CHUNKED = [("transfer-encoding", "chunked")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "what"),
+    [(OVER, f"of {LIMIT + 1} bytes is over"), (CHUNKED, "of undeclared length")],
+    ids=["declared-over", "chunked"],
+)
+@pytest.mark.parametrize("mode", ["enforce", "audit", "sink"])
+async def test_a_body_too_large_to_hold_is_never_read(
+    make_runtime, monkeypatch, headers, what, mode
+):
+    """mitmproxy buffers a whole body before the `request` hook: a checked endpoint's body
+    declared over max_body_bytes, or chunked, is dealt with at the headers. Enforcing (and
+    as a sink) the flow is killed — mitmproxy closes the connection without reading the
+    body; auditing it is streamed to the homeserver unread. Nothing is parsed, and the
+    claimed origin is not blamed."""
+    no_parsing(
+        monkeypatch,
+        (enforcer_module, "parse_json_body"),
+        (enforcer_module, "parse_transaction"),
+        (enforcer_module, "verify_request_signature"),
+    )
+    holder = trusting(make_runtime(mode=mode, verify_signatures=True, extra=SMALL))
+    flow = await at_requestheaders(holder, headers_only("PUT", SEND_PATH, headers))
+    closed = mode != "audit"
+    assert flow.response is None
+    assert (flow.error is not None) == closed == (not flow.killable)
+    assert flow.request.stream is (not closed)
+    (row,) = recorded_findings(holder)
+    assert (row["rule"], row["endpoint"], row["attributed_to"], row["action"]) == (
+        "malformed.request",
+        "send",
+        None,
+        "rejected" if closed else "flagged",
+    )
+    assert what in row["detail"]
+    assert ("closed unread" if closed else "streamed to the homeserver unread") in row["detail"]
+    outcome = "refused" if closed else "forwarded"
+    requests = holder.runtime.metrics.requests.labels("inbound", "send", outcome)
+    assert requests._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "version", "method"),
+    [
+        ([("content-length", str(LIMIT))], "HTTP/1.1", "PUT"),  # the limit is inclusive
+        ([], "HTTP/1.1", "PUT"),  # HTTP/1 without either header: no body
+        ([], "HTTP/2.0", "GET"),  # HTTP/2 GET without a length: no body
+        ([("content-length", f"{LIMIT}, {LIMIT}")], "HTTP/1.1", "PUT"),  # repeated, agreeing
+    ],
+)
+async def test_a_body_within_the_limit_is_left_to_the_request_hook(
+    make_runtime, headers, version, method
+):
+    holder = make_runtime(extra=SMALL)
+    flow = headers_only(method, SEND_PATH, headers, version)
+    from proxy_addons.enforcer import Enforcer
+
+    Enforcer(holder).requestheaders(flow)
+    assert flow.live and not flow.request.stream and flow.error is None
+    assert recorded_findings(holder) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("content-length", f"{LIMIT}, {LIMIT + 1}")],  # repeated, disagreeing
+        [("content-length", "12abc")],
+        [("content-length", "9" * 5000)],  # int() would refuse it
+    ],
+)
+async def test_a_length_that_bounds_nothing_counts_as_unbounded(make_runtime, headers):
+    holder = make_runtime(extra=SMALL)
+    flow = await at_requestheaders(holder, headers_only("PUT", SEND_PATH, headers))
+    assert flow.error is not None  # enforcing: closed unread
+    assert "of undeclared length" in recorded_findings(holder)[0]["detail"]
+
+
+async def test_an_http2_request_with_a_body_and_no_length_counts_as_unbounded(make_runtime):
+    holder = make_runtime(extra=SMALL)
+    flow = await at_requestheaders(holder, headers_only("PUT", SEND_PATH, [], "HTTP/2.0"))
+    assert flow.error is not None
+    assert len(recorded_findings(holder)) == 1
+
+
+@pytest.mark.parametrize("mode", ["enforce", "audit", "sink"])
+async def test_a_large_body_modgud_does_not_read_is_streamed_through(make_runtime, mode):
+    """Key queries and other requests modgud does not check are streamed to the homeserver
+    unread when their body is over the limit (it applies its own limits); a sink, which
+    forwards nothing, closes them. No finding: modgud does not judge these requests."""
+    holder = make_runtime(mode=mode, extra=SMALL)
+    flow = await at_requestheaders(holder, headers_only("POST", "/_matrix/key/v2/query", OVER))
+    if mode == "sink":
+        assert flow.error is not None and not flow.request.stream
+    else:
+        assert flow.error is None and flow.request.stream is True and flow.response is None
+    assert recorded_findings(holder) == []
+
+
+async def test_requestheaders_leaves_the_outbound_listener_alone(make_runtime):
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    from proxy_addons.enforcer import Enforcer
+
+    holder = make_runtime(extra=SMALL + "listen: {outbound: '127.0.0.1:18449'}\n")
+    flow = headers_only("PUT", SEND_PATH, OVER)
+    flow.client_conn.proxy_mode = ProxyMode.parse("regular")
+    Enforcer(holder).requestheaders(flow)
+    assert flow.live and not flow.request.stream and flow.error is None
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -418,7 +558,7 @@ async def test_a_body_of_exactly_the_limit_is_checked_as_usual(make_runtime):
 async def test_endpoints_modgud_does_not_inspect_are_never_parsed(make_runtime, monkeypatch, path):
     """Key queries, other federation requests and non-federation paths are forwarded
     untouched whatever their size: modgud reads nothing of them (the homeserver applies
-    its own request size limit to them)."""
+    its own request size limit to them; live, a body over the limit is streamed, below)."""
     no_parsing(
         monkeypatch,
         (enforcer_module, "parse_json_body"),
