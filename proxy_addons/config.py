@@ -84,6 +84,8 @@ class Config:
     state_timeout_seconds: float = 5.0
     hook_state_timeout_seconds: float = 1.0
     max_body_bytes: int = 12 * 1024 * 1024
+    # Event-index rows not seen for this many days are pruned; 0 keeps them for ever.
+    index_retention_days: int = 30
     trusted_key_servers: tuple[KeyServer, ...] = ()
     # policy:
     participation_rooms: tuple[str, ...] = ()
@@ -375,6 +377,9 @@ def load_config(path: str | Path) -> Config:
     max_body = top.get("max_body_bytes", int, 12 * 1024 * 1024)
     if max_body < 65_536:
         raise top.error("max_body_bytes", "must be at least 65536")
+    retention = top.get("index_retention_days", int, 30)
+    if not 0 <= retention <= 36_500:
+        raise top.error("index_retention_days", "must be a number of days from 0 (keep) to 36500")
     key_servers = _parse_key_servers(top)
     outbound_options = _parse_outbound(top, base, database, outbound is not None)
     metrics_servers = _parse_metrics(top)
@@ -420,6 +425,7 @@ def load_config(path: str | Path) -> Config:
         state_timeout_seconds=timeout,
         hook_state_timeout_seconds=hook_timeout,
         max_body_bytes=max_body,
+        index_retention_days=retention,
         trusted_key_servers=key_servers,
         participation_rooms=participation_rooms,
         policy_lists=policy_lists,

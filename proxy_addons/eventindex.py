@@ -19,7 +19,7 @@ from typing import Any
 
 from rules.federation import Pdu
 
-__all__ = ["EVENT_COLUMNS", "EventIndex", "IndexBatch", "lookup_events", "storable"]
+__all__ = ["EVENT_COLUMNS", "PRUNE", "EventIndex", "IndexBatch", "lookup_events", "storable"]
 
 EVENT_COLUMNS = (
     "room_id",
@@ -53,6 +53,14 @@ UPSERT = (
     "delivered_by = CASE WHEN instr(',' || delivered_by || ',', "
     "',' || excluded.first_origin || ',') > 0 THEN delivered_by "
     "ELSE substr(delivered_by || ',' || excluded.first_origin, 1, 2000) END"
+)
+
+
+# Rows not seen since a cutoff, a chunk at a time (rowid order: the oldest first, found
+# without an index on last_seen, which every re-delivery would have to update).
+PRUNE = (
+    "DELETE FROM events WHERE rowid IN "
+    "(SELECT rowid FROM events WHERE last_seen < ? ORDER BY rowid LIMIT ?)"
 )
 
 

@@ -259,11 +259,17 @@ class StoreCollector:
             "Records never written: refused while too many were held unwritten, or unwritable",
             self.store.dropped,
         )
+        yield CounterMetricFamily(
+            "modgud_store_index_pruned",
+            "Event-index rows deleted as not seen within index_retention_days",
+            self.store.pruned,
+        )
 
 
 class StoreCounts(Protocol):
     write_errors: int
     dropped: int
+    pruned: int
 
 
 class DatabaseCollector(Collector):

@@ -119,7 +119,9 @@ def build_runtime(
     runtime = Runtime(
         config=config,
         metrics=metrics,
-        store=FindingStore(config.database),
+        store=FindingStore(
+            config.database, index_retention_seconds=config.index_retention_days * 86_400.0
+        ),
         state=RoomStateCache(
             state_source, ttl=config.state_ttl_seconds, on_fetch=metrics.observe_state_fetch
         ),

@@ -8,6 +8,10 @@ the writer keeps the records and retries with a growing pause (up to `retry_max_
 until it can: findings are written after recovery, not dropped. Only beyond `max_pending`
 records held in memory are new records refused — event-index rows first, and every one
 counted (`dropped`) and logged.
+
+Event-index rows not seen for `index_retention_seconds` are pruned by the same thread,
+at start and every `prune_interval` seconds, `PRUNE_CHUNK` rows per commit and at most
+`PRUNE_CHUNKS` commits before queued records are written again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
+from proxy_addons.eventindex import PRUNE as EVENT_PRUNE
 from proxy_addons.eventindex import SCHEMA as EVENT_SCHEMA
 from proxy_addons.eventindex import UPSERT as EVENT_UPSERT
 from proxy_addons.eventindex import IndexBatch, storable
@@ -143,6 +148,9 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
 
 Record = FindingRecord | KnockRecord | IndexBatch
 
+PRUNE_CHUNK = 5_000
+PRUNE_CHUNKS = 20
+
 
 def _size(record: Record) -> int:
     return len(record.rows) if isinstance(record, IndexBatch) else 1
@@ -158,6 +166,8 @@ class FindingStore:
         max_pending: int = 500_000,
         retry_max_seconds: float = 5.0,
         busy_timeout: float = 5.0,
+        index_retention_seconds: float = 0.0,
+        prune_interval: float = 600.0,
     ) -> None:
         self.path = path
         self.batch_size = batch_size
@@ -170,6 +180,9 @@ class FindingStore:
         self._pending = 0
         self.write_errors = 0  # failed write attempts (each retried)
         self.dropped = 0  # records refused because max_pending were held already
+        self.index_retention_seconds = index_retention_seconds  # 0: kept for ever
+        self.prune_interval = prune_interval
+        self.pruned = 0  # event-index rows deleted as older than the retention
         self._stop = threading.Event()
         db = open_database(path)
         ensure_schema(db)
@@ -220,7 +233,11 @@ class FindingStore:
         db = open_database(self.path, timeout=self.busy_timeout)
         table = db.table("findings")
         stop = False
+        next_prune = time.monotonic()  # at start too: rows may have aged while modgud was down
         while not stop:
+            if self.index_retention_seconds and time.monotonic() >= next_prune:
+                more = self._prune(db)
+                next_prune = time.monotonic() + (0.0 if more else self.prune_interval)
             batch: list[Record] = []
             try:
                 item = self._queue.get(timeout=self.flush_interval)
@@ -238,6 +255,23 @@ class FindingStore:
             if batch:
                 self._write(db, table, batch)
         db.conn.close()
+
+    def _prune(self, db: sqlite_utils.Database) -> bool:
+        """Delete index rows last seen before the retention window; True if some may be
+        left (the pass stopped after PRUNE_CHUNKS chunks, so queued records are written
+        before the next). A failure is logged and the pass tried again later."""
+        cutoff = time.time() - self.index_retention_seconds
+        try:
+            for _ in range(PRUNE_CHUNKS):
+                with db.conn:
+                    deleted = db.conn.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
+                self.pruned += deleted
+                if deleted < PRUNE_CHUNK or self._stop.is_set():
+                    return False
+        except sqlite3.Error as e:
+            logger.warning("store: pruning the event index failed, will try again: %s", e)
+            return False
+        return True
 
     def _write(self, db: sqlite_utils.Database, table: Any, batch: list[Record]) -> None:
         findings = [r.as_row() for r in batch if isinstance(r, FindingRecord)]

@@ -72,6 +72,9 @@ def test_full_config_reads_tokens_from_files(tmp_path):
         (MINIMAL + "hook: [1, 2]\n", "hook", 3, "expected a mapping"),
         ("server_name: example.org\nupstream: ftp://x\n", "upstream", 2, "http(s)://"),
         (MINIMAL + "max_body_bytes: 10\n", "max_body_bytes", 3, "at least"),
+        (MINIMAL + "index_retention_days: -1\n", "index_retention_days", 3, "from 0 (keep)"),
+        (MINIMAL + "index_retention_days: 7.5\n", "index_retention_days", 3, "expected int"),
+        (MINIMAL + "index_retention_days: true\n", "index_retention_days", 3, "expected int"),
         (MINIMAL + "trusted_key_servers: [1]\n", "trusted_key_servers", 3, "expected a mapping"),
         (
             MINIMAL + "trusted_key_servers:\n  - server_name: m.org\n    verify_keys: {}\n",

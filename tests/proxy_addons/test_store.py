@@ -194,3 +194,100 @@ def test_text_with_lone_surrogates_is_stored_escaped(tmp_path):
     assert lookup_events(db, "!\\ud800:x", ["h\\udcff"])["h\\udcff"]["event_id"] == "$\\ud800"
     assert store.dropped == 0
     store.close()
+
+
+def index_rows(db, rows):
+    """Event-index rows (room, content hash, last seen) written straight into the table."""
+    from proxy_addons.eventindex import UPSERT
+    from proxy_addons.store import ensure_schema, open_database
+
+    database = open_database(db)
+    ensure_schema(database)
+    with database.conn:
+        database.conn.executemany(
+            UPSERT,
+            [
+                (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
+                for room, h, seen in rows
+            ],
+        )
+    database.conn.close()
+
+
+def index_hashes(db):
+    conn = sqlite3.connect(db)
+    try:
+        return sorted(h for (h,) in conn.execute("SELECT content_hash FROM events"))
+    finally:
+        conn.close()
+
+
+def test_index_rows_older_than_the_retention_are_pruned_at_start_and_counted(tmp_path):
+    """Rows last seen before the retention window go (also those that aged while modgud
+    was down: the first pass runs at start); rows seen since stay, whenever first seen."""
+    import time
+
+    db = str(tmp_path / "m.db")
+    now = time.time()
+    day = 86_400
+    index_rows(db, [("!r:x", "old", now - 31 * day), ("!r:x", "older", now - 400 * day)])
+    index_rows(db, [("!r:x", "recent", now - 29 * day), ("!s:x", "new", now)])
+    store = FindingStore(db, flush_interval=0.02, index_retention_seconds=30 * day)
+    try:
+        deadline = time.monotonic() + 10
+        while store.pruned < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.pruned == 2
+        assert index_hashes(db) == ["new", "recent"]
+    finally:
+        store.close()
+
+
+def test_no_retention_keeps_every_index_row(tmp_path):
+    import time
+
+    db = str(tmp_path / "m.db")
+    index_rows(db, [("!r:x", "ancient", 1.0)])
+    store = FindingStore(db, flush_interval=0.02)  # index_retention_seconds=0: for ever
+    store.record([record(1.0)])
+    assert store.flush(10)
+    time.sleep(0.1)
+    store.close()
+    assert store.pruned == 0 and index_hashes(db) == ["ancient"]
+
+
+def test_a_long_prune_lets_queued_records_in_between_its_passes(tmp_path, monkeypatch):
+    """Pruning goes a chunk per commit and a few chunks per pass: records queued meanwhile
+    are written between passes, and the passes go on until nothing old is left."""
+    import time
+
+    import proxy_addons.store as store_module
+
+    monkeypatch.setattr(store_module, "PRUNE_CHUNK", 3)
+    monkeypatch.setattr(store_module, "PRUNE_CHUNKS", 2)
+    db = str(tmp_path / "m.db")
+    index_rows(
+        db, [("!r:x", f"old{i:02}", 1.0) for i in range(20)] + [("!r:x", "kept", time.time())]
+    )
+    passes = []
+    real = FindingStore._prune
+
+    def counting(self, database):
+        more = real(self, database)
+        passes.append((self.pruned, more))
+        return more
+
+    monkeypatch.setattr(FindingStore, "_prune", counting)
+    store = FindingStore(db, flush_interval=0.02, index_retention_seconds=3600)
+    try:
+        store.record([record(1.0)])
+        assert store.flush(10)
+        deadline = time.monotonic() + 10
+        while store.pruned < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert index_hashes(db) == ["kept"]
+        assert passes[0] == (6, True)  # two chunks of three, more left
+        assert [p for p in passes if not p[1]][0][0] == 20
+        assert len(list(query_findings([db]))) == 1
+    finally:
+        store.close()
