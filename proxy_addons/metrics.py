@@ -238,8 +238,9 @@ class Metrics:
 
 
 class StoreCollector:
-    """The SQLite writer's trouble, read from it at scrape: failed write attempts (each
-    retried until it succeeds) and records dropped because too many were held unwritten."""
+    """The SQLite writer's counts, read from it at scrape: failed write attempts (each
+    retried until it succeeds), records dropped because too many were held unwritten, and
+    event-index rows pruned as older than the retention."""
 
     def __init__(self, store: StoreCounts) -> None:
         self.store = store
