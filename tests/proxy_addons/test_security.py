@@ -348,6 +348,14 @@ def no_parsing(monkeypatch, *modules_and_names):
         monkeypatch.setattr(module, name, refuse)
 
 
+# Where the edge would read a body: JSON, the transaction, the X-Matrix signature.
+EDGE_PARSERS = (
+    (enforcer_module, "parse_json_body"),
+    (enforcer_module, "parse_transaction"),
+    (enforcer_module, "verify_request_signature"),
+)
+
+
 def body_of(size):
     """A JSON body of exactly `size` bytes."""
     head = b'{"origin": "good.test", "pdus": [], "edus": [], "pad": "'
@@ -378,12 +386,7 @@ async def test_every_inspected_endpoint_refuses_an_oversized_body_unparsed(
     is answered 413 M_TOO_LARGE in enforce mode (flagged and forwarded in audit) before
     anything parses it — not the JSON, not the transaction, not the X-Matrix signature — and the
     claimed origin is not blamed."""
-    no_parsing(
-        monkeypatch,
-        (enforcer_module, "parse_json_body"),
-        (enforcer_module, "parse_transaction"),
-        (enforcer_module, "verify_request_signature"),
-    )
+    no_parsing(monkeypatch, *EDGE_PARSERS)
     for mode, status in (("enforce", 413), ("audit", None)):
         holder = trusting(make_runtime(mode=mode, verify_signatures=True, extra=SMALL))
         flow = await run_edge(holder, oversized_flow(method, path))
@@ -423,9 +426,7 @@ async def at_requestheaders(holder, flow):
     as mitmproxy calls them."""
     from mitmproxy.test import taddons
 
-    from proxy_addons.enforcer import Enforcer
-
-    enforcer = Enforcer(holder)
+    enforcer = enforcer_module.Enforcer(holder)
     with taddons.context(enforcer):
         enforcer.requestheaders(flow)
         if flow.live:
@@ -451,12 +452,7 @@ async def test_a_body_too_large_to_hold_is_never_read(
     as a sink) the flow is killed — mitmproxy closes the connection without reading the
     body; auditing it is streamed to the homeserver unread. Nothing is parsed, and the
     claimed origin is not blamed."""
-    no_parsing(
-        monkeypatch,
-        (enforcer_module, "parse_json_body"),
-        (enforcer_module, "parse_transaction"),
-        (enforcer_module, "verify_request_signature"),
-    )
+    no_parsing(monkeypatch, *EDGE_PARSERS)
     holder = trusting(make_runtime(mode=mode, verify_signatures=True, extra=SMALL))
     flow = await at_requestheaders(holder, headers_only("PUT", SEND_PATH, headers))
     closed = mode != "audit"
@@ -491,9 +487,7 @@ async def test_a_body_within_the_limit_is_left_to_the_request_hook(
 ):
     holder = make_runtime(extra=SMALL)
     flow = headers_only(method, SEND_PATH, headers, version)
-    from proxy_addons.enforcer import Enforcer
-
-    Enforcer(holder).requestheaders(flow)
+    enforcer_module.Enforcer(holder).requestheaders(flow)
     assert flow.live and not flow.request.stream and flow.error is None
     assert recorded_findings(holder) == []
 
@@ -537,12 +531,10 @@ async def test_a_large_body_modgud_does_not_read_is_streamed_through(make_runtim
 async def test_requestheaders_leaves_the_outbound_listener_alone(make_runtime):
     from mitmproxy.proxy.mode_specs import ProxyMode
 
-    from proxy_addons.enforcer import Enforcer
-
     holder = make_runtime(extra=SMALL + "listen: {outbound: '127.0.0.1:18449'}\n")
     flow = headers_only("PUT", SEND_PATH, OVER)
     flow.client_conn.proxy_mode = ProxyMode.parse("regular")
-    Enforcer(holder).requestheaders(flow)
+    enforcer_module.Enforcer(holder).requestheaders(flow)
     assert flow.live and not flow.request.stream and flow.error is None
 
 
@@ -559,12 +551,7 @@ async def test_endpoints_modgud_does_not_inspect_are_never_parsed(make_runtime, 
     """Key queries, other federation requests and non-federation paths are forwarded
     untouched whatever their size: modgud reads nothing of them (the homeserver applies
     its own request size limit to them; live, a body over the limit is streamed, below)."""
-    no_parsing(
-        monkeypatch,
-        (enforcer_module, "parse_json_body"),
-        (enforcer_module, "parse_transaction"),
-        (enforcer_module, "verify_request_signature"),
-    )
+    no_parsing(monkeypatch, *EDGE_PARSERS)
     holder = make_runtime(verify_signatures=True, extra=SMALL)
     flow = await run_edge(holder, oversized_flow("POST", path, size=4 * LIMIT))
     assert flow.response is None
