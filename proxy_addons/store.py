@@ -1,7 +1,20 @@
-"""Findings in SQLite (sqlite-utils), written in batches by one writer thread, WAL mode.
+"""Findings in SQLite, written in batches by one writer thread, WAL mode.
 
 The event loop never waits on the disk: `record()` only queues; the writer commits every
-`flush_interval` seconds or `batch_size` rows, and on `close()`.
+`flush_interval` seconds or `batch_size` rows, and on `close()`. With `start=False` the
+writer thread starts with the first record instead of at once (and starts again in a
+process forked since), so a process that forks after building the store — Synapse with
+`daemonize` — still has it.
+
+The store speaks the standard library's DB-API to SQLite, nothing more: the same code runs
+inside Synapse's process (the Synapse module writes findings here too), where sqlite-utils'
+command-line dependencies have no business.
+
+Several processes write one database: modgud's edge, the event hook and the Synapse module
+in every Synapse process. A finding judged inside the homeserver (the hook's or the
+module's, which cannot know who delivered an event) and the edge's finding for the same
+event and rule are one finding: the edge's is kept, since it names the delivering server
+(see `_write`).
 
 When the database cannot be written (locked by another process, disk full, I/O error),
 the writer keeps the records and retries with a growing pause (up to `retry_max_seconds`)
@@ -25,8 +38,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import sqlite_utils
 
 from proxy_addons.eventindex import PRUNE as EVENT_PRUNE
 from proxy_addons.eventindex import SCHEMA as EVENT_SCHEMA
@@ -90,6 +101,9 @@ class FindingRecord:
     def as_row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in FINDING_COLUMNS}
 
+    def as_tuple(self) -> tuple[object, ...]:
+        return tuple(getattr(self, c) for c in FINDING_COLUMNS)
+
 
 @dataclass(frozen=True, slots=True)
 class KnockRecord:
@@ -114,36 +128,61 @@ KNOCK_COLUMNS = (
 )
 
 
-def open_database(path: str, timeout: float = 30.0) -> sqlite_utils.Database:
+# Endpoints whose findings are judged inside the homeserver, without knowing who delivered
+# the event: the edge's finding for the same event and rule supersedes theirs.
+IN_HOMESERVER_ENDPOINTS = ("hook", "module")  # as spelled in DELETE_SUPERSEDED
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS findings (id INTEGER PRIMARY KEY, ts FLOAT, rule TEXT, "
+    "action TEXT, severity TEXT, direction TEXT, room_id TEXT, event_id TEXT, "
+    "event_type TEXT, sender TEXT, sender_server TEXT, origin TEXT, attributed_to TEXT, "
+    "confidence TEXT, endpoint TEXT, txn_id TEXT, detail TEXT)",
+    # The index names sqlite-utils gave them, which databases of earlier versions have.
+    "CREATE INDEX IF NOT EXISTS idx_findings_ts ON findings (ts)",
+    "CREATE INDEX IF NOT EXISTS idx_findings_rule_ts ON findings (rule, ts)",
+    "CREATE INDEX IF NOT EXISTS idx_findings_room_id_ts ON findings (room_id, ts)",
+    "CREATE INDEX IF NOT EXISTS idx_findings_event_id ON findings (event_id)",
+    "CREATE TABLE IF NOT EXISTS knocks (room_id TEXT NOT NULL, server TEXT NOT NULL, "
+    "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
+    "status TEXT DEFAULT 'pending', policy_match TEXT, decided_at REAL, reason TEXT, "
+    "PRIMARY KEY (room_id, server))",
+)
+
+_FINDING_VALUES = ", ".join("?" for _ in FINDING_COLUMNS)
+INSERT_FINDING = f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) VALUES ({_FINDING_VALUES})"  # noqa: S608 - fixed names
+# A finding judged inside the homeserver, unless the same event and rule is recorded already.
+INSERT_FINDING_ONCE = (
+    f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) SELECT {_FINDING_VALUES} "  # noqa: S608 - fixed names
+    "WHERE NOT EXISTS (SELECT 1 FROM findings WHERE event_id = ? AND rule = ?)"
+)
+# The edge's finding replaces one the hook or the module recorded for the same event and rule.
+DELETE_SUPERSEDED = (
+    "DELETE FROM findings WHERE event_id = ? AND rule = ? AND endpoint IN ('hook', 'module')"
+)
+UPSERT_KNOCK = (
+    "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
+    "policy_match) VALUES (?, ?, ?, ?, 1, ?) "
+    "ON CONFLICT (room_id, server) DO UPDATE SET "
+    "last_seen = excluded.last_seen, count = count + 1, "
+    "policy_match = excluded.policy_match"
+)
+
+
+def open_database(path: str, timeout: float = 30.0) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    findings = db.table("findings")
-    if not findings.exists():
-        findings.create(
-            {
-                "id": int,
-                "ts": float,
-                **{c: str for c in FINDING_COLUMNS if c != "ts"},
-            },
-            pk="id",
-        )
-        findings.create_index(["ts"])
-        findings.create_index(["rule", "ts"])
-        findings.create_index(["room_id", "ts"])
-    for statement in EVENT_SCHEMA:
-        db.execute(statement)
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS knocks (room_id TEXT NOT NULL, server TEXT NOT NULL, "
-        "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
-        "status TEXT DEFAULT 'pending', policy_match TEXT, decided_at REAL, reason TEXT, "
-        "PRIMARY KEY (room_id, server))"
-    )
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create what is missing (every statement is IF NOT EXISTS: several processes may
+    open a new database at once)."""
+    with conn:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        for statement in EVENT_SCHEMA:
+            conn.execute(statement)
 
 
 Record = FindingRecord | KnockRecord | IndexBatch
@@ -168,6 +207,7 @@ class FindingStore:
         busy_timeout: float = 5.0,
         index_retention_seconds: float = 0.0,
         prune_interval: float = 600.0,
+        start: bool = True,
     ) -> None:
         self.path = path
         self.batch_size = batch_size
@@ -184,11 +224,26 @@ class FindingStore:
         self.prune_interval = prune_interval
         self.pruned = 0  # event-index rows deleted as older than the retention
         self._stop = threading.Event()
-        db = open_database(path)
-        ensure_schema(db)
-        db.conn.close()
-        self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
-        self._thread.start()
+        conn = open_database(path)
+        try:
+            ensure_schema(conn)
+        finally:
+            conn.close()
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._closed = False
+        if start:
+            self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """Start the writer thread, or start it again in a process forked since."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() or self._closed:
+            return
+        with self._thread_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="modgud-store", daemon=True)
+                self._thread.start()
 
     def record(self, records: Iterable[Record]) -> None:
         accepted: list[Record] = []
@@ -209,6 +264,8 @@ class FindingStore:
                 accepted.append(record)
         for record in accepted:
             self._queue.put(record)
+        if accepted:
+            self._ensure_writer()
 
     @property
     def pending(self) -> int:
@@ -217,21 +274,28 @@ class FindingStore:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything recorded so far is committed."""
+        if self._pending:
+            self._ensure_writer()
         with self._flushed:
             return self._flushed.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued and stop; while the database stays unwritable, give up
         after `timeout` (what was left is logged)."""
+        if self._pending:
+            self._ensure_writer()
+        self._closed = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
         self._queue.put(None)
-        self._thread.join(timeout=timeout)
-        if self._thread.is_alive():
+        thread.join(timeout=timeout)
+        if thread.is_alive():
             self._stop.set()
-            self._thread.join(timeout=self.retry_max_seconds + self.busy_timeout + 1)
+            thread.join(timeout=self.retry_max_seconds + self.busy_timeout + 1)
 
     def _run(self) -> None:
         db = open_database(self.path, timeout=self.busy_timeout)
-        table = db.table("findings")
         stop = False
         next_prune = time.monotonic()  # at start too: rows may have aged while modgud was down
         while not stop:
@@ -253,18 +317,18 @@ class FindingStore:
                     break
             stop = item is None
             if batch:
-                self._write(db, table, batch)
-        db.conn.close()
+                self._write(db, batch)
+        db.close()
 
-    def _prune(self, db: sqlite_utils.Database) -> bool:
+    def _prune(self, db: sqlite3.Connection) -> bool:
         """Delete index rows last seen before the retention window; True if some may be
         left (the pass stopped after PRUNE_CHUNKS chunks, so queued records are written
         before the next). A failure is logged and the pass tried again later."""
         cutoff = time.time() - self.index_retention_seconds
         try:
             for _ in range(PRUNE_CHUNKS):
-                with db.conn:
-                    deleted = db.conn.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
+                with db:
+                    deleted = db.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
                 self.pruned += deleted
                 if deleted < PRUNE_CHUNK or self._stop.is_set():
                     return False
@@ -273,8 +337,8 @@ class FindingStore:
             return False
         return True
 
-    def _write(self, db: sqlite_utils.Database, table: Any, batch: list[Record]) -> None:
-        findings = [r.as_row() for r in batch if isinstance(r, FindingRecord)]
+    def _write(self, db: sqlite3.Connection, batch: list[Record]) -> None:
+        findings = [r.as_tuple() for r in batch if isinstance(r, FindingRecord)]
         knocks = [r for r in batch if isinstance(r, KnockRecord)]
         index = [row for r in batch if isinstance(r, IndexBatch) for row in r.rows]
         size = sum(_size(r) for r in batch)
@@ -282,20 +346,12 @@ class FindingStore:
         escaped = False
         while True:
             try:
-                with db.conn:
-                    if findings:
-                        table.insert_all(findings)
+                with db:
+                    _insert_findings(db, findings)
                     if index:
-                        db.conn.executemany(EVENT_UPSERT, index)
+                        db.executemany(EVENT_UPSERT, index)
                     for k in knocks:
-                        db.execute(
-                            "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
-                            "policy_match) VALUES (?, ?, ?, ?, 1, ?) "
-                            "ON CONFLICT (room_id, server) DO UPDATE SET "
-                            "last_seen = excluded.last_seen, count = count + 1, "
-                            "policy_match = excluded.policy_match",
-                            [k.room_id, k.server, k.ts, k.ts, k.policy_match],
-                        )
+                        db.execute(UPSERT_KNOCK, [k.room_id, k.server, k.ts, k.ts, k.policy_match])
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
@@ -307,7 +363,7 @@ class FindingStore:
                 # Text from traffic with lone surrogates (a JSON "\ud800", a path's
                 # undecodable bytes): SQLite takes UTF-8 only. Rare, so the batch is
                 # escaped only when it failed, off the event loop.
-                findings = [{k: _escaped(v) for k, v in row.items()} for row in findings]
+                findings = [tuple(_escaped(v) for v in row) for row in findings]
                 index = [tuple(_escaped(v) for v in row) for row in index]
                 knocks = [
                     KnockRecord(k.ts, storable(k.room_id), storable(k.server), k.policy_match)
@@ -341,6 +397,30 @@ class FindingStore:
         with self._flushed:
             self._pending -= size
             self._flushed.notify_all()
+
+
+_EVENT_ID = FINDING_COLUMNS.index("event_id")
+_RULE = FINDING_COLUMNS.index("rule")
+_ENDPOINT = FINDING_COLUMNS.index("endpoint")
+
+
+def _insert_findings(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    """One finding per event and rule between the edge and the homeserver's judges: an
+    edge finding (it knows the delivering server) replaces theirs, and theirs is left out
+    when one is recorded already (Synapse also asks again about an event it pulls)."""
+    edge: list[tuple[object, ...]] = []
+    judged: list[tuple[object, ...]] = []
+    for row in rows:
+        if row[_EVENT_ID] is not None and row[_ENDPOINT] in IN_HOMESERVER_ENDPOINTS:
+            judged.append((*row, row[_EVENT_ID], row[_RULE]))
+        else:
+            edge.append(row)
+            if row[_EVENT_ID] is not None:
+                db.execute(DELETE_SUPERSEDED, (row[_EVENT_ID], row[_RULE]))
+    if edge:
+        db.executemany(INSERT_FINDING, edge)
+    for row in judged:  # one at a time: each must see the ones before it
+        db.execute(INSERT_FINDING_ONCE, row)
 
 
 def _escaped(value: object) -> object:
@@ -430,7 +510,7 @@ def decide_knock(path: str, room_id: str, server: str, status: str, reason: str 
     db = open_database(path)
     try:
         ensure_schema(db)
-        with db.conn:
+        with db:
             db.execute(
                 "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, status, "
                 "decided_at, reason) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
@@ -439,4 +519,4 @@ def decide_knock(path: str, room_id: str, server: str, status: str, reason: str 
                 [room_id, server, now, now, status, now, reason],
             )
     finally:
-        db.conn.close()
+        db.close()

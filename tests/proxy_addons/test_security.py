@@ -1002,8 +1002,8 @@ async def test_hook_token_never_logged_on_a_wrong_token(make_runtime, tmp_path, 
 # 5. SQL only with parameters ------------------------------------------------------------
 
 SQL_CALLS = {
-    # sqlite3 (Connection, Cursor) and sqlite_utils (Database, Table): the argument that
-    # holds SQL text.
+    # sqlite3 (Connection, Cursor), and the query helpers of sqlite-utils should it come
+    # back: the argument that holds SQL text.
     "execute": ("sql",),
     "executemany": ("sql",),
     "executescript": ("sql", "sql_script"),

@@ -3,7 +3,7 @@
 import sqlite3
 from dataclasses import replace
 
-from proxy_addons.store import FindingRecord, FindingStore, query_findings
+from proxy_addons.store import FINDING_COLUMNS, FindingRecord, FindingStore, query_findings
 
 
 def record(ts, rule="acl.sender", room="!r:x", action="dropped"):
@@ -203,15 +203,15 @@ def index_rows(db, rows):
 
     database = open_database(db)
     ensure_schema(database)
-    with database.conn:
-        database.conn.executemany(
+    with database:
+        database.executemany(
             UPSERT,
             [
                 (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
                 for room, h, seen in rows
             ],
         )
-    database.conn.close()
+    database.close()
 
 
 def index_hashes(db):
@@ -291,3 +291,103 @@ def test_a_long_prune_lets_queued_records_in_between_its_passes(tmp_path, monkey
         assert len(list(query_findings([db]))) == 1
     finally:
         store.close()
+
+
+def test_one_finding_per_event_and_rule_the_edges_kept(tmp_path):
+    """The edge and the homeserver's judges (hook, Synapse module) may each record the same
+    event and rule: one row stays, the edge's (it names who delivered the event), whichever
+    was written first — the writers are separate processes, so either order happens."""
+    db = str(tmp_path / "m.db")
+    edge = replace(record(1.0), event_id="$a")
+    module = replace(record(2.0), event_id="$a", endpoint="module", attributed_to=None)
+    store = FindingStore(db, flush_interval=0.02)
+    store.record([module])  # the module first, then the edge
+    assert store.flush(5)
+    store.record([edge])
+    store.record([replace(edge, event_id="$b")])
+    store.record([replace(module, event_id="$b")])  # the edge first, then the module
+    store.record([replace(module, event_id="$b", endpoint="hook")])
+    # another rule for the same event is another finding
+    store.record([replace(module, event_id="$a", rule="policy.user")])
+    # without an event ID there is nothing to merge
+    store.record([replace(module, event_id=None), replace(module, event_id=None)])
+    assert store.flush(5)
+    rows = [(r["event_id"], r["rule"], r["endpoint"]) for r in query_findings([db])]
+    assert sorted(rows, key=str) == sorted(
+        [
+            ("$a", "acl.sender", "send"),
+            ("$b", "acl.sender", "send"),
+            ("$a", "policy.user", "module"),
+            (None, "acl.sender", "module"),
+            (None, "acl.sender", "module"),
+        ],
+        key=str,
+    )
+    store.close()
+
+
+def test_homeserver_judges_record_an_event_once(tmp_path):
+    """Synapse asks about an event again when it pulls it again: one finding stays, also
+    within one batch and from several Synapse processes."""
+    db = str(tmp_path / "m.db")
+    module = replace(record(1.0), event_id="$a", endpoint="module", attributed_to=None)
+    first, second = FindingStore(db, flush_interval=0.02), FindingStore(db, flush_interval=0.02)
+    first.record([module, module])
+    second.record([module])
+    assert first.flush(5) and second.flush(5)
+    assert len(list(query_findings([db]))) == 1
+    first.close()
+    second.close()
+
+
+def test_lazy_writer_starts_with_the_first_record_and_after_a_fork(tmp_path):
+    """start=False: no thread until something is recorded (a process that forks after
+    building the store keeps a working writer); what is recorded is written."""
+    import os
+
+    db = str(tmp_path / "m.db")
+    store = FindingStore(db, flush_interval=0.02, start=False)
+    assert store._thread is None
+    pid = os.fork()
+    if pid == 0:  # the child: as Synapse after daemonizing
+        store.record([record(1.0)])
+        os._exit(0 if store.flush(5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.record([record(2.0)])
+    assert store.flush(5)
+    assert [r["ts"] for r in query_findings([db])] == [1.0, 2.0]
+    store.close()
+
+
+def test_a_database_of_an_earlier_version_opens_and_gains_the_new_index(tmp_path):
+    """A findings database written by earlier modgud (sqlite-utils' schema) is used as it
+    is; the event-ID index the merge needs is added."""
+    db = str(tmp_path / "old.db")
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE [findings] ([id] INTEGER PRIMARY KEY, [ts] FLOAT, "
+        + ", ".join(f"[{c}] TEXT" for c in FINDING_COLUMNS if c != "ts")
+        + ")"
+    )
+    conn.execute("CREATE INDEX [idx_findings_ts] ON [findings] ([ts])")
+    conn.execute("INSERT INTO findings (ts, rule) VALUES (1.0, 'acl.origin')")
+    conn.commit()
+    conn.close()
+    store = FindingStore(db, flush_interval=0.02)
+    store.record([record(2.0)])
+    assert store.flush(5)
+    store.close()
+    assert [r["rule"] for r in query_findings([db])] == ["acl.origin", "acl.sender"]
+    indexes = {r[1] for r in sqlite3.connect(db).execute("PRAGMA index_list(findings)")}
+    assert {"idx_findings_ts", "idx_findings_event_id"} <= indexes
+
+
+def test_the_findings_table_has_every_column():
+    """The schema's CREATE TABLE is spelled out; it names every column records carry."""
+    from proxy_addons.store import SCHEMA
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute(SCHEMA[0])
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(findings)")]
+    assert columns == ["id", *FINDING_COLUMNS]
