@@ -33,6 +33,8 @@ from rules.checks import (
     apply_actions,
     check_event,
     check_invite,
+    judge_event,
+    pdu_bytes,
 )
 from rules.findings import Decision
 from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
@@ -106,6 +108,16 @@ def note_state_change(
         _call_on(main_loop, runtime.policy.mark_stale)
 
 
+def _judged_as(event: dict[str, object]) -> dict[str, Any]:
+    """How the hook's event is judged: synapse-http-antispam sends the client format,
+    without signatures, hashes or prev/auth events, so its size is a lower bound of the
+    PDU's (the `event_id` it adds aside) and signatures are judged only if present."""
+    return {
+        "pdu_bytes": pdu_bytes(event, without=("unsigned", "event_id")),
+        "signatures_known": "signatures" in event,
+    }
+
+
 def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str] | None:
     """The answers that need no I/O — local events, the edge's verdict, an event the
     cached room state finds nothing against — given on the hook's own thread; None when
@@ -137,6 +149,7 @@ def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Resp
             config.server_name,
             fail_open=config.fail_open,
             policy=runtime.policy.current,
+            **_judged_as(event),
         )
         if not verdict.findings:
             return _allow(), "hook"
@@ -154,15 +167,13 @@ async def evaluate_event(runtime: Runtime, event: dict[str, object]) -> tuple[we
         if isinstance(room_id, str)
         else None
     )
-    verdict: ItemVerdict = apply_actions(
-        check_event(
-            event,
-            policy,
-            config.server_name,
-            fail_open=config.fail_open,
-            policy=runtime.policy.current,
-        ),
-        runtime.policy.current,
+    verdict: ItemVerdict = judge_event(
+        event,
+        policy,
+        config.server_name,
+        fail_open=config.fail_open,
+        policy=runtime.policy.current,
+        **_judged_as(event),
     )
     if isinstance(policy, StateUnavailable) and not verdict.refused:
         runtime.metrics.fail_open.labels("state").inc()

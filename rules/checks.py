@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+from rules.canonical import encode_canonical_json
 from rules.eventhash import compute_event_id
-from rules.federation import Edu, Pdu, Transaction, edu_rooms, edu_users
+from rules.federation import MAX_PDU_BYTES, Edu, Pdu, Transaction, edu_rooms, edu_users
 from rules.findings import Confidence, Decision, Finding, Rule, Severity
 from rules.policy import NO_POLICY, Barrier, OperatorPolicy, authorise_server
 from rules.roomstate import KNOCK_TYPES, RoomPolicy
@@ -36,6 +37,9 @@ __all__ = [
     "check_references",
     "event_references",
     "is_legitimate_relay",
+    "author_refusals",
+    "judge_event",
+    "pdu_bytes",
     "check_request_origin",
     "event_id_of",
     "pdu_finding",
@@ -301,15 +305,18 @@ def check_restricted_join(
     room: RoomPolicy,
     policy: OperatorPolicy = NO_POLICY,
     *,
-    in_hook: bool = False,
+    in_homeserver: bool = False,
+    signatures_known: bool = True,
 ) -> str | None:
     """Why a join authorised through `join_authorised_via_users_server` (MSC3083) must be
     refused, or None: the authoriser's server must have signed it, the authoriser must be
     joined with at least the invite level now, and their server must be allowed here.
 
-    `in_hook`: the homeserver asks about a join it may be vouching for itself (send_join
-    to a room it is in), and it adds its own signature only after asking, so a missing
-    signature of the protected homeserver is not held against the join there."""
+    `in_homeserver`: the homeserver asks about a join it may be vouching for itself
+    (send_join to a room it is in), and it adds its own signature only after asking, so a
+    missing signature of the protected homeserver is not held against the join there.
+    `signatures_known=False`: the event came without its signatures (synapse-http-antispam
+    sends the client format); the homeserver has verified them itself."""
     content = event.get("content")
     if event.get("type") != "m.room.member" or not isinstance(content, Mapping):
         return None
@@ -319,11 +326,12 @@ def check_restricted_join(
     via_server = server_of_user(via)
     if via_server is None or not isinstance(via, str):
         return "join_authorised_via_users_server is not a user ID"
-    signatures = event.get("signatures")
-    signed = signatures.get(via_server) if isinstance(signatures, Mapping) else None
-    local_pending = in_hook and via_server == policy.local_server
-    if (not isinstance(signed, Mapping) or not signed) and not local_pending:
-        return f"join authorised by {via} is not signed by {via_server}"
+    if signatures_known:
+        signatures = event.get("signatures")
+        signed = signatures.get(via_server) if isinstance(signatures, Mapping) else None
+        local_pending = in_homeserver and via_server == policy.local_server
+        if (not isinstance(signed, Mapping) or not signed) and not local_pending:
+            return f"join authorised by {via} is not signed by {via_server}"
     if via not in room.joined:
         return f"join authorised by {via}, who is not joined to the room"
     if room.power.of(via) < room.power.invite:
@@ -337,30 +345,99 @@ def check_restricted_join(
     return None
 
 
-def _servers_refusals(
-    pdu: Pdu, origin: str, room: RoomPolicy, policy: OperatorPolicy
-) -> list[tuple[Rule, Severity, Confidence, str]]:
-    knocking = _is_own_knock(pdu.event_type, pdu.state_key, pdu.sender_server)
-    refusal = authorise_server(
-        origin, room, policy, knocking=knocking and origin == pdu.sender_server
-    )
-    if refusal is not None:
-        rule = _ORIGIN_RULES[refusal.barrier]
-        return [
-            (
-                rule,
-                Severity.WARNING,
-                Confidence.HIGH,
-                f"delivering server {origin}: {refusal.reason}",
+def author_refusals(
+    sender: str,
+    server: str,
+    event_type: object,
+    state_key: object,
+    member_event: Mapping[str, object] | None,
+    room: RoomPolicy | None,
+    policy: OperatorPolicy,
+    *,
+    check_server: bool = True,
+    in_homeserver: bool = False,
+    signatures_known: bool = True,
+) -> list[tuple[Rule, str]]:
+    """What holds against an event whoever delivered it — the check of an event's author
+    that the edge (check_pdu), the event hook and the Synapse module (check_event) all
+    make: the author's server may not take part in the room (ACL, policy lists,
+    participation; a server's own MSC4124 knock is exempt from participation), the author
+    is banned by a policy list, or a restricted join (MSC3083) is not honestly authorised.
+
+    `member_event`: the whole event when it is an m.room.member (only joins need more
+    than these fields). `check_server=False`: the author's server delivered the event
+    itself and was checked as the origin already."""
+    out: list[tuple[Rule, str]] = []
+    if check_server:
+        knocking = isinstance(event_type, str) and _is_own_knock(
+            event_type, state_key if isinstance(state_key, str) else None, server
+        )
+        refusal = authorise_server(server, room, policy, knocking=knocking)
+        if refusal is not None:
+            out.append((_SENDER_RULES[refusal.barrier], refusal.reason))
+    if len(policy.bans) and policy.bans.bans_user(sender):
+        out.append((Rule.POLICY_USER, f"{sender} is banned by a policy list"))
+    if member_event is not None and room is not None:
+        why = check_restricted_join(
+            member_event,
+            room,
+            policy,
+            in_homeserver=in_homeserver,
+            signatures_known=signatures_known,
+        )
+        if why is not None:
+            out.append((Rule.RESTRICTED_JOIN, why))
+    return out
+
+
+# How sure the edge is of each kind of finding about a PDU, and how grave it is.
+_EDGE_GRADES: Mapping[Rule, tuple[Severity, Confidence]] = {
+    **{rule: (Severity.HIGH, Confidence.MEDIUM) for rule in _SENDER_RULES.values()},
+    Rule.POLICY_USER: (Severity.HIGH, Confidence.HIGH),
+    Rule.RESTRICTED_JOIN: (Severity.HIGH, Confidence.MEDIUM),
+}
+
+
+_Refusal = tuple[Rule, Severity, Confidence, str]
+
+
+def _edge_refusals(
+    pdu: Pdu, origin: str, room: RoomPolicy, policy: OperatorPolicy, servers_checked: bool
+) -> tuple[list[_Refusal], list[_Refusal]]:
+    """What refuses a PDU at the edge: the servers (the delivering server's authorisation,
+    else the author's server's), and the rest of the author's checks."""
+    servers: list[_Refusal] = []
+    check_author_server = not servers_checked and pdu.sender_server != origin
+    if not servers_checked:
+        knocking = _is_own_knock(pdu.event_type, pdu.state_key, pdu.sender_server)
+        refusal = authorise_server(
+            origin, room, policy, knocking=knocking and origin == pdu.sender_server
+        )
+        if refusal is not None:
+            detail = f"delivering server {origin}: {refusal.reason}"
+            servers.append(
+                (_ORIGIN_RULES[refusal.barrier], Severity.WARNING, Confidence.HIGH, detail)
             )
-        ]
-    if pdu.sender_server == origin:
-        return []
-    refusal = authorise_server(pdu.sender_server, room, policy, knocking=knocking)
-    if refusal is None:
-        return []
-    detail = f"event written by {pdu.sender_server} ({refusal.reason}) relayed by {origin}"
-    return [(_SENDER_RULES[refusal.barrier], Severity.HIGH, Confidence.MEDIUM, detail)]
+            check_author_server = False  # the origin's refusal is the one that counts
+    member = pdu.event if pdu.event_type == "m.room.member" else None
+    author: list[_Refusal] = []
+    for rule, reason in author_refusals(
+        pdu.sender,
+        pdu.sender_server,
+        pdu.event_type,
+        pdu.state_key,
+        member,
+        room,
+        policy,
+        check_server=check_author_server,
+    ):
+        severity, confidence = _EDGE_GRADES[rule]
+        if rule in _SENDER_RULES.values():
+            detail = f"event written by {pdu.sender_server} ({reason}) relayed by {origin}"
+            servers.append((rule, severity, confidence, detail))
+        else:
+            author.append((rule, severity, confidence, reason))
+    return servers, author
 
 
 def event_references(event: Mapping[str, object]) -> list[str]:
@@ -408,29 +485,29 @@ def is_legitimate_relay(pdu: Pdu) -> bool:
     return isinstance(membership, str) and membership in _PASSED_ON
 
 
-def _event_refusals(
-    pdu: Pdu, room: RoomPolicy, policy: OperatorPolicy, refused: Mapping[str, str]
-) -> list[tuple[Rule, Severity, Confidence, str]]:
-    """Checks of the event itself, beyond the servers: user bans, restricted joins, and
-    references to refused events."""
-    out: list[tuple[Rule, Severity, Confidence, str]] = []
-    why_reference = check_references(pdu.event, refused) if refused else None
-    if why_reference is not None:
-        out.append((Rule.LEAK_REFERENCE, Severity.HIGH, Confidence.MEDIUM, why_reference))
-    if len(policy.bans) and policy.bans.bans_user(pdu.sender):
-        out.append(
-            (
-                Rule.POLICY_USER,
-                Severity.HIGH,
-                Confidence.HIGH,
-                f"{pdu.sender} is banned by a policy list",
-            )
-        )
-    if pdu.event_type == "m.room.member":
-        why = check_restricted_join(pdu.event, room, policy)
-        if why is not None:
-            out.append((Rule.RESTRICTED_JOIN, Severity.HIGH, Confidence.MEDIUM, why))
-    return out
+def _reference_refusals(pdu: Pdu, refused: Mapping[str, str]) -> list[_Refusal]:
+    """An event that builds on events written by servers refused in its room."""
+    why = check_references(pdu.event, refused) if refused else None
+    if why is None:
+        return []
+    return [(Rule.LEAK_REFERENCE, Severity.HIGH, Confidence.MEDIUM, why)]
+
+
+def _oversized_pdu(pdu: Pdu, origin: str, room: RoomPolicy | None) -> ItemVerdict:
+    """A PDU over the size limit (spec: Server-Server API, "PDUs": 65,536 bytes), refused
+    by its event ID when the room's version is known, so the homeserver's judges refuse
+    it too."""
+    event_id = event_id_of(pdu, room) if room is not None else None
+    finding = pdu_finding(
+        pdu,
+        Rule.MALFORMED_PDU,
+        Severity.WARNING,
+        f"PDU {pdu.position} is {pdu.oversized} bytes, over the {MAX_PDU_BYTES}-byte limit",
+        event_id=event_id,
+        origin=origin,
+        attributed_to=origin,
+    )
+    return ItemVerdict(pdu.position, Decision.REFUSE, (finding,), event_id, pdu.room_id)
 
 
 def check_pdu(
@@ -446,16 +523,19 @@ def check_pdu(
     """Check one PDU delivered by `origin` against its room's state and the operator's
     policy. `servers_checked`: origin and author already passed for this room."""
     room = rooms.get(pdu.room_id)
+    if pdu.oversized:
+        return _oversized_pdu(pdu, origin, room if isinstance(room, RoomPolicy) else None)
     if isinstance(room, StateUnavailable):
         return _unavailable(pdu.position, fail_open, pdu.room_id, origin)
     if room is None:
         # The homeserver does not know the room: no policy to apply, it decides itself.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
-    refusals = [] if servers_checked else _servers_refusals(pdu, origin, room, policy)
+    refusals, by_author = _edge_refusals(pdu, origin, room, policy, servers_checked)
     if not refusals and pdu.sender_server != origin and not is_legitimate_relay(pdu):
         detail = f"event written by {pdu.sender_server} pushed by {origin}, which did not write it"
         refusals.append((Rule.LEAK_RELAYED, Severity.WARNING, Confidence.MEDIUM, detail))
-    refusals += _event_refusals(pdu, room, policy, refused or {})
+    refusals += _reference_refusals(pdu, refused or {})
+    refusals += by_author
     if not refusals:
         # Allowed PDUs need no event ID: the hook reaches the same verdict on its own.
         return ItemVerdict(pdu.position, Decision.ALLOW, room_id=pdu.room_id)
@@ -538,7 +618,9 @@ def check_edu(
             )
             break
     knocking = edu.edu_type in KNOCK_TYPES
-    for room_id in edu_rooms(edu):
+    rooms_of_edu = edu_rooms(edu)
+    refused_rooms: list[Finding] = []
+    for room_id in rooms_of_edu:
         room = rooms.get(room_id)
         if isinstance(room, StateUnavailable):
             if not fail_open:
@@ -548,7 +630,7 @@ def check_edu(
             continue
         refusal = authorise_server(origin, room, policy, knocking=knocking)
         if refusal is not None:
-            findings.append(
+            refused_rooms.append(
                 Finding(
                     _EDU_RULES[refusal.barrier],
                     Severity.WARNING,
@@ -559,12 +641,20 @@ def check_edu(
                     attributed_to=origin,
                 )
             )
-    room_of_edu = next(iter(edu_rooms(edu)), None)
+    # An EDU cannot be cut: one about several rooms (a receipt EDU) is refused only when
+    # every one of them refuses its origin, else its allowed rooms' part would be lost.
+    # (The homeserver applies the ACL to each room's receipts itself, MSC4163.)
+    refuse = bool(findings) or (bool(refused_rooms) and len(refused_rooms) == len(rooms_of_edu))
+    if refused_rooms and not refuse:
+        refused_rooms = [
+            replace(f, detail=f"{f.detail} (passed on: the EDU is also about allowed rooms)")
+            for f in refused_rooms
+        ]
     return ItemVerdict(
         edu.position,
-        Decision.REFUSE if findings else Decision.ALLOW,
-        tuple(findings),
-        room_id=room_of_edu,
+        Decision.REFUSE if refuse else Decision.ALLOW,
+        tuple(findings + refused_rooms),
+        room_id=next(iter(rooms_of_edu), None),
     )
 
 
@@ -598,6 +688,7 @@ def check_transaction(
             and pdu.sender_server == origin
             and pdu.event_type != "m.room.member"
             and not in_refused_room
+            and not pdu.oversized
         ):
             pdus.append(ItemVerdict(pdu.position, allow, (), None, pdu.room_id))
             continue
@@ -656,10 +747,18 @@ def check_event(
     *,
     fail_open: bool,
     policy: OperatorPolicy = NO_POLICY,
+    pdu_bytes: int | None = None,
+    signatures_known: bool = True,
 ) -> ItemVerdict:
-    """The event hook's own evaluation of an event the edge never saw (one the homeserver
-    pulled, or a local one): may its author's server take part, is its author banned, is
-    a restricted join honestly authorised?"""
+    """The homeserver's question about one event, answered without knowing who delivered
+    it — by the event hook and the Synapse module, for events of every path: pushed,
+    pulled (/get_missing_events, /backfill, send_join) or local. Local events are allowed
+    at once; a remote one is refused when it is over the PDU size limit or when
+    `author_refusals` finds anything.
+
+    `pdu_bytes`: the event's size as a PDU (canonical JSON without `unsigned`) when the
+    caller knows it, or a lower bound of it. `signatures_known=False`: the event came
+    without its signatures (the hook's client format)."""
     sender = event.get("sender")
     event_id = event.get("event_id")
     room_id = event.get("room_id")
@@ -677,35 +776,43 @@ def check_event(
         return ItemVerdict(0, Decision.ALLOW, (finding,), eid, rid)
     if server == local_server:
         return ItemVerdict(0, Decision.ALLOW, event_id=eid, room_id=rid)
+    event_type = event.get("type")
+    kind = event_type if isinstance(event_type, str) else None
+    if pdu_bytes is not None and pdu_bytes > MAX_PDU_BYTES:
+        finding = Finding(
+            Rule.MALFORMED_PDU,
+            Severity.WARNING,
+            f"event is {pdu_bytes} bytes, over the {MAX_PDU_BYTES}-byte PDU limit",
+            room_id=rid,
+            event_id=eid,
+            event_type=kind,
+            sender=sender,
+            sender_server=server,
+        )
+        return ItemVerdict(0, Decision.REFUSE, (finding,), eid, rid)
     if isinstance(room, StateUnavailable):
         return _unavailable(0, fail_open, rid or "", server, eid)
-    event_type = event.get("type")
-    state_key = event.get("state_key")
-    knocking = isinstance(event_type, str) and _is_own_knock(
-        event_type, state_key if isinstance(state_key, str) else None, server
+    reasons = author_refusals(
+        sender,
+        server,
+        event_type,
+        event.get("state_key"),
+        event if event_type == "m.room.member" else None,
+        room,
+        policy,
+        in_homeserver=True,
+        signatures_known=signatures_known,
     )
-    reasons: list[tuple[Rule, str]] = []
-    refusal = authorise_server(server, room, policy, knocking=knocking)
-    if refusal is not None:
-        reasons.append(
-            (_SENDER_RULES[refusal.barrier], f"event written by {server}: {refusal.reason}")
-        )
-    if len(policy.bans) and policy.bans.bans_user(sender):
-        reasons.append((Rule.POLICY_USER, f"{sender} is banned by a policy list"))
-    if room is not None:
-        why = check_restricted_join(event, room, policy, in_hook=True)
-        if why is not None:
-            reasons.append((Rule.RESTRICTED_JOIN, why))
     if not reasons:
         return ItemVerdict(0, Decision.ALLOW, event_id=eid, room_id=rid)
     findings = tuple(
         Finding(
             rule,
             Severity.HIGH,
-            f"{detail} (not seen at the edge: pulled or relayed)",
+            f"event written by {server}: {detail}" if rule in _SENDER_RULES.values() else detail,
             room_id=rid,
             event_id=eid,
-            event_type=event_type if isinstance(event_type, str) else None,
+            event_type=kind,
             sender=sender,
             sender_server=server,
             confidence=Confidence.LOW,
@@ -713,6 +820,44 @@ def check_event(
         for rule, detail in reasons
     )
     return ItemVerdict(0, Decision.REFUSE, findings, eid, rid)
+
+
+def judge_event(
+    event: Mapping[str, object],
+    room: RoomPolicy | None | StateUnavailable,
+    local_server: str,
+    *,
+    fail_open: bool,
+    policy: OperatorPolicy = NO_POLICY,
+    pdu_bytes: int | None = None,
+    signatures_known: bool = True,
+) -> ItemVerdict:
+    """check_event with the operator's per-check actions applied: the one decision the
+    event hook and the Synapse module make for the homeserver, so their answers cannot
+    drift apart."""
+    return apply_actions(
+        check_event(
+            event,
+            room,
+            local_server,
+            fail_open=fail_open,
+            policy=policy,
+            pdu_bytes=pdu_bytes,
+            signatures_known=signatures_known,
+        ),
+        policy,
+    )
+
+
+def pdu_bytes(
+    event: Mapping[str, object], *, without: tuple[str, ...] = ("unsigned",)
+) -> int | None:
+    """The size of `event` as canonical JSON, leaving out the fields `without` (a PDU's
+    size does not count `unsigned`); None when it is not encodable."""
+    try:
+        return len(encode_canonical_json({k: v for k, v in event.items() if k not in without}))
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def check_invite(

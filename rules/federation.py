@@ -54,6 +54,7 @@ class Pdu:
         "_source",
         "content_hash",
         "event_type",
+        "oversized",
         "position",
         "room_id",
         "sender",
@@ -86,6 +87,10 @@ class Pdu:
         self.sender_server = sender_server
         self.event_type = event_type
         self.state_key = state_key
+        # Its canonical JSON's size when over MAX_PDU_BYTES, else 0. An oversized PDU is
+        # kept as a PDU, not only as a finding: the checks refuse it by its event ID, so
+        # the homeserver's judges (the hook, the Synapse module) refuse it too.
+        self.oversized = 0
 
     @property
     def event(self) -> Mapping[str, object]:
@@ -331,13 +336,7 @@ def _make_pdu(
             Rule.MALFORMED_PDU, f"PDU {position} is not encodable as canonical JSON", origin
         )
     if size > MAX_PDU_BYTES:
-        return _malformed(
-            Rule.MALFORMED_PDU,
-            f"PDU {position} is {size} bytes, over the {MAX_PDU_BYTES}-byte limit",
-            origin,
-            room_id=room_id,
-            sender=sender,
-        )
+        pdu.oversized = size
     return pdu
 
 

@@ -393,3 +393,27 @@ async def test_drain_gives_up_after_its_timeout():
     inflight.add("stuck")
     assert await inflight.drain(0.2) == 1
     assert inflight.closing
+
+
+async def test_an_oversized_pdu_is_refused_by_its_event_id_and_the_hook_refuses_it(make_runtime):
+    """A PDU over the 65,536-byte limit next to a fine one: the transaction is forwarded
+    (its other PDU must arrive), the big one recorded with its event ID as dropped, and the
+    edge leaves a refusal for it, which the event hook gives when the homeserver asks."""
+    from proxy_addons.eventhook import quick_decision
+    from rules.eventhash import compute_event_id
+    from rules.roomversion import get_room_version
+
+    holder = make_runtime()
+    big = pdu("@a:good.test", body="x" * 70_000)
+    flow = send_flow("good.test", [pdu("@a:good.test"), big])
+    await run(holder, flow)
+    assert flow.response is None
+    event_id = compute_event_id(big, get_room_version("10"))
+    rows = findings(holder)
+    assert [(r["rule"], r["action"], r["event_id"], r["attributed_to"]) for r in rows] == [
+        ("malformed.pdu", "dropped", event_id, "good.test")
+    ]
+    answer = quick_decision(
+        holder.runtime, {"event_id": event_id, "room_id": ROOM, "sender": "@a:good.test"}
+    )
+    assert answer is not None and answer[0].status == 403 and answer[1] == "edge"

@@ -4,6 +4,7 @@ protocol: 2xx allows, 403 JSON refuses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -305,3 +306,33 @@ def test_running_never_yields_to_the_event_loop():
     from proxy_addons.eventhook import EventHook
 
     assert not inspect.iscoroutinefunction(EventHook.running)
+
+
+async def test_an_event_over_the_pdu_limit_is_refused_by_the_hook_itself(make_runtime):
+    """An event the edge never saw (pulled) whose client format alone is over the PDU
+    limit is refused and recorded as malformed; a large one under it passes."""
+    holder = make_runtime()
+    huge = client_event("@a:good.test", "$huge", content={"body": "x" * 70_000})
+    status, body = await post(holder, huge)
+    assert status == 403 and "over the 65536-byte PDU limit" in body["error"]
+    fine = client_event("@a:good.test", "$fine", content={"body": "x" * 60_000})
+    assert (await post(holder, fine))[0] == 200
+    assert [(r["rule"], r["event_id"]) for r in recorded_findings(holder)] == [
+        ("malformed.pdu", "$huge")
+    ]
+
+
+async def test_a_restricted_join_in_the_client_format_is_not_refused_as_unsigned(make_runtime):
+    """synapse-http-antispam sends no signatures: a join authorised by a joined user with
+    enough power is allowed (Synapse verified the signatures itself)."""
+    room = policy()
+    room = dataclasses.replace(room, joined=frozenset({"@mod:good.test"}))
+    holder = make_runtime(source=StaticStateSource({ROOM: room}))
+    join = client_event(
+        "@new:other.test",
+        "$join",
+        type="m.room.member",
+        state_key="@new:other.test",
+        content={"membership": "join", "join_authorised_via_users_server": "@mod:good.test"},
+    )
+    assert await post(holder, join) == (200, {})

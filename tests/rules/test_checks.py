@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rules.acl import ServerAcl
@@ -11,10 +13,14 @@ from rules.checks import (
     check_event,
     check_pdu,
     check_transaction,
+    judge_event,
+    pdu_bytes,
     with_signature_check,
 )
-from rules.federation import Edu, Pdu, parse_transaction
+from rules.eventhash import compute_event_id
+from rules.federation import MAX_PDU_BYTES, Edu, Pdu, parse_transaction
 from rules.findings import Confidence, Decision, Rule
+from rules.policy import BanList, CheckActions, CheckSetting, OperatorPolicy
 from rules.roomstate import RoomPolicy, room_policy_from_state
 from rules.roomversion import get_room_version
 from rules.signatures import SignatureCheck
@@ -210,3 +216,156 @@ def test_room_policy_from_admin_state():
     assert policy.room_version_id == "12" and policy.acl_event_id == "$acl"
     assert not policy.acl.check("d.test").allowed and policy.acl.check("ok.test").allowed
     assert room_policy_from_state("!r", []).room_version_id == "1"
+
+
+# -- the homeserver's judges: judge_event, shared with the edge through author_refusals ----
+
+BANS = OperatorPolicy("hs.test", bans=BanList(["banned.test"], ["@spammer:good.test"]))
+ACTIVE = RoomPolicy(
+    ROOM,
+    "10",
+    get_room_version("10"),
+    POLICY.acl,
+    knock_rule="active",
+    participation={"relay.test": "permitted"},
+)
+
+
+def _event(sender, event_type="m.room.message", **extra):
+    return {"event_id": "$e", "room_id": ROOM, "sender": sender, "type": event_type, **extra}
+
+
+@pytest.mark.parametrize(
+    ("sender", "event_type", "room", "rules"),
+    [
+        ("@a:good.test", "m.room.message", POLICY, []),
+        ("@a:denied.test", "m.room.message", POLICY, [Rule.ACL_SENDER]),
+        ("@a:banned.test", "m.room.message", POLICY, [Rule.POLICY_SENDER]),
+        ("@spammer:good.test", "m.room.message", POLICY, [Rule.POLICY_USER]),
+        ("@a:good.test", "m.room.message", ACTIVE, [Rule.PARTICIPATION_SENDER]),
+        ("@a:good.test", "m.room.message", None, []),
+    ],
+)
+def test_the_edge_and_the_homeservers_judges_agree_on_the_author(sender, event_type, room, rules):
+    """An event delivered by a permitted relay: what the edge holds against its author
+    (check_pdu, sender findings) is exactly what the hook and the Synapse module hold
+    against it (judge_event), and both refuse or allow alike. (A room the homeserver does
+    not know is left to the homeserver at the edge, and judged when it asks.)"""
+    pdu = make_pdu(sender)
+    rooms = {ROOM: room} if room is not None else {ROOM: None}
+    edge = check_pdu(pdu, "relay.test", rooms, fail_open=True, policy=BANS)
+    judged = judge_event(_event(sender, event_type), room, "hs.test", fail_open=True, policy=BANS)
+    server_rules = {Rule.ACL_SENDER, Rule.POLICY_SENDER, Rule.PARTICIPATION_SENDER}
+    relayed = [Rule.LEAK_RELAYED] if room is not None and not server_rules & set(rules) else []
+    assert [f.rule for f in edge.findings] == relayed + rules
+    assert [f.rule for f in judged.findings] == rules
+    assert judged.decision is (Decision.REFUSE if rules else Decision.ALLOW)
+    assert edge.decision is judged.decision
+
+
+def test_judge_event_applies_the_operators_actions():
+    """`flag` records without refusing, `off` drops the finding: for the hook and the
+    module as at the edge."""
+    flag = OperatorPolicy(
+        "hs.test", actions=CheckActions({"acl": CheckSetting("flag")}), bans=BanList()
+    )
+    off = OperatorPolicy("hs.test", actions=CheckActions({"acl": CheckSetting("off")}))
+    event = _event("@a:denied.test")
+    flagged = judge_event(event, POLICY, "hs.test", fail_open=True, policy=flag)
+    assert flagged.decision is Decision.ALLOW and [f.rule for f in flagged.findings] == [
+        Rule.ACL_SENDER
+    ]
+    quiet = judge_event(event, POLICY, "hs.test", fail_open=True, policy=off)
+    assert quiet.decision is Decision.ALLOW and quiet.findings == ()
+
+
+@pytest.mark.parametrize(
+    ("sender", "size", "decision"),
+    [
+        ("@a:good.test", MAX_PDU_BYTES, Decision.ALLOW),
+        ("@a:good.test", MAX_PDU_BYTES + 1, Decision.REFUSE),
+        ("@me:hs.test", MAX_PDU_BYTES + 1, Decision.ALLOW),  # local: the homeserver's own
+        ("@a:good.test", None, Decision.ALLOW),
+    ],
+)
+def test_an_event_over_the_pdu_limit_is_refused_by_the_judges(sender, size, decision):
+    """The limit is inclusive (65,536 bytes may pass); over it a remote event is refused
+    as malformed, whatever the room's state (also when it is unavailable)."""
+    for room in (POLICY, UNAVAILABLE):
+        verdict = judge_event(_event(sender), room, "hs.test", fail_open=True, pdu_bytes=size)
+        assert verdict.decision is decision
+        if decision is Decision.REFUSE:
+            assert [f.rule for f in verdict.findings] == [Rule.MALFORMED_PDU]
+
+
+def test_pdu_bytes_counts_canonical_json_without_unsigned():
+    event = {"b": 1, "a": "é", "unsigned": {"age": 5}}
+    assert pdu_bytes(event) == len('{"a":"é","b":1}'.encode())
+    assert pdu_bytes({"x": float("nan")}) is None
+
+
+def test_an_oversized_pdu_is_refused_at_the_edge_by_its_event_id():
+    """The edge refuses a PDU over the limit by its event ID (so the hook refuses it when
+    the homeserver asks), also when its author and room were already found fine for an
+    earlier PDU of the transaction; the PDU beside it is allowed."""
+    sender = "@a:good.test"
+    small = {
+        "room_id": ROOM,
+        "sender": sender,
+        "type": "m.room.message",
+        "content": {"body": "small"},
+        "origin_server_ts": 1,
+        "depth": 2,
+        "prev_events": [],
+        "auth_events": [],
+        "hashes": {"sha256": "x"},
+    }
+    big = {**small, "content": {"body": "x" * MAX_PDU_BYTES}}
+    body = json.dumps({"origin": "good.test", "pdus": [small, big]}).encode()
+    verdict = check_transaction(
+        parse_transaction(body, "t", "good.test"), {ROOM: POLICY}, fail_open=True
+    )
+    ok, refused = verdict.pdus
+    assert not ok.refused and refused.refused
+    assert [f.rule for f in refused.findings] == [Rule.MALFORMED_PDU]
+    assert refused.event_id == compute_event_id(big, get_room_version("10"))
+    assert refused.findings[0].event_id == refused.event_id
+    assert refused.findings[0].attributed_to == "good.test"
+
+
+def test_a_receipt_about_several_rooms_is_refused_only_when_every_room_refuses():
+    """A receipt EDU cannot be cut: refused when every room it covers refuses its origin;
+    when only some do, it passes (the other rooms' receipts would be lost), with a finding
+    for each refusing room that says so."""
+    other = "!other:hs.test"
+    rooms = {ROOM: POLICY, other: RoomPolicy(other, "10", get_room_version("10"), None)}
+
+    def receipt(*room_ids):
+        read = {"m.read": {"@a:denied.test": {"event_ids": ["$x"], "data": {"ts": 1}}}}
+        return Edu(0, "m.receipt", {r: read for r in room_ids})
+
+    both = check_edu(receipt(ROOM, other), "denied.test", rooms, fail_open=True)
+    assert both.decision is Decision.ALLOW
+    assert [(f.rule, f.room_id) for f in both.findings] == [(Rule.ACL_EDU, ROOM)]
+    assert "also about allowed rooms" in both.findings[0].detail
+    alone = check_edu(receipt(ROOM), "denied.test", rooms, fail_open=True)
+    assert alone.decision is Decision.REFUSE
+    denied_both = {ROOM: POLICY, other: RoomPolicy(other, "10", get_room_version("10"), POLICY.acl)}
+    assert check_edu(receipt(ROOM, other), "denied.test", denied_both, fail_open=True).refused
+
+
+def test_a_transaction_of_one_partly_refused_receipt_is_not_answered_locally():
+    """The defect this fixes: a /send holding only a receipt EDU for an allowed and a
+    refusing room was answered by modgud, and the allowed room's receipt never arrived."""
+    other = "!other:hs.test"
+    read = {"m.read": {"@a:denied.test": {"event_ids": ["$x"], "data": {"ts": 1}}}}
+    body = json.dumps(
+        {
+            "origin": "denied.test",
+            "pdus": [],
+            "edus": [{"edu_type": "m.receipt", "content": {ROOM: read, other: read}}],
+        }
+    ).encode()
+    rooms = {ROOM: POLICY, other: RoomPolicy(other, "10", get_room_version("10"), None)}
+    verdict = check_transaction(parse_transaction(body, "t", "denied.test"), rooms, fail_open=True)
+    assert not verdict.refused_all and not verdict.refused_any

@@ -256,9 +256,9 @@ def test_hook_does_not_require_the_local_servers_signature_on_a_join_it_vouches_
     policy = OperatorPolicy(LOCAL)
     event = join("@admin:hs.test", ("unknown.test",)).event
     assert check_restricted_join(event, room, policy) is not None  # at the edge: refused
-    assert check_restricted_join(event, room, policy, in_hook=True) is None
+    assert check_restricted_join(event, room, policy, in_homeserver=True) is None
     other = join("@lee:leaky.test", ("unknown.test",)).event
-    assert check_restricted_join(other, room, policy, in_hook=True) is not None
+    assert check_restricted_join(other, room, policy, in_homeserver=True) is not None
 
 
 def test_operator_actions_flag_off_and_severity():
@@ -377,3 +377,17 @@ def test_outbound_push_is_refused_per_room_by_acl_policy_list_and_participation(
     flag = OperatorPolicy(LOCAL, actions=CheckActions({"outbound": CheckSetting("flag")}))
     assert refused("acl.test", flag) == []
     assert check_outbound(txn, LOCAL, "acl.test", rooms, flag).all_findings()
+
+
+def test_a_join_without_its_signatures_is_judged_on_the_rest():
+    """The hook gets events in the client format, without signatures (the homeserver has
+    verified them): a restricted join is judged on the authoriser's membership and power,
+    never refused as unsigned for want of the field."""
+    room = state(invite=50)
+    unsigned = {k: v for k, v in join("@admin:hs.test", ("unknown.test",)).event.items()}
+    unsigned.pop("signatures")
+    assert check_restricted_join(unsigned, room, signatures_known=False) is None
+    weak = {k: v for k, v in join("@lee:leaky.test", ()).event.items() if k != "signatures"}
+    why = check_restricted_join(weak, room, signatures_known=False)
+    assert why and "below the invite level" in why
+    assert "not signed" in check_restricted_join(unsigned, room)
