@@ -30,7 +30,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["DatabaseCollector", "LEAK_KINDS", "Metrics", "StoreCollector"]
+__all__ = [
+    "DatabaseCollector",
+    "FindingMetrics",
+    "LEAK_KINDS",
+    "Metrics",
+    "ModuleMetrics",
+    "StoreCollector",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +64,133 @@ LEAK_KINDS = frozenset(
 )
 
 
-class Metrics:
-    """All of modgud's metrics on one registry (injectable, so tests read samples)."""
+# The time of one module callback, from a few microseconds (a cached room) up.
+_MODULE = (
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.01,
+    0.05,
+    0.25,
+    1.0,
+)
+
+
+class FindingMetrics:
+    """What recording a finding counts, and what every part of modgud that judges
+    exports the same way — the edge and the event hook in modgud's process, the Synapse
+    module in Synapse's (on Synapse's registry): the same names and label sets, so the
+    dashboards and alerts read both."""
 
     def __init__(self, registry: CollectorRegistry, servers: tuple[str, ...] = ()) -> None:
         self.registry = registry
         self.servers = frozenset(s.lower() for s in servers)  # may appear as a label
+        c = self._counter
+        self.findings = c(
+            "modgud_findings",
+            "Findings recorded, by rule, action and severity",
+            ["rule", "action", "severity"],
+        )
+        self.leaks = c(
+            "modgud_leaks",
+            "Leak findings, by kind (the rule) and confidence",
+            ["kind", "confidence"],
+        )
+        self.server_findings = c(
+            "modgud_server_findings",
+            "Findings blamed on a server the operator listed in metrics.servers, by rule",
+            ["server", "rule"],
+        )
+        self.fail_open = c(
+            "modgud_fail_open",
+            "Items let through because a check could not be made (on_error: open), by place",
+            ["where"],
+        )
+        self.internal_errors = c(
+            "modgud_internal_errors", "Internal errors caught by modgud, by place", ["where"]
+        )
+        self.state_fetches = c(
+            "modgud_state_fetches",
+            "Room-state fetches from the homeserver, by outcome",
+            ["outcome"],
+        )
+        self.state_fetch_seconds = Histogram(
+            "modgud_state_fetch_seconds",
+            "Room-state fetch latency",
+            buckets=_FAST,
+            registry=registry,
+        )
+        self.cache_entries = Gauge(
+            "modgud_cache_entries",
+            "Entries in modgud's bounded caches, by cache",
+            ["cache"],
+            registry=registry,
+        )
+        self.policy_rules = Gauge(
+            "modgud_policy_list_rules",
+            "Ban rules (servers and users) from the subscribed policy lists",
+            registry=registry,
+        )
+        self.store_queue = Gauge(
+            "modgud_store_queue",
+            "Records waiting for the SQLite writer",
+            registry=registry,
+        )
+        self.build = Info("modgud_build", "modgud build information", registry=registry)
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def server_label(self, server: str | None) -> str | None:
+        """The server as a label value when the operator listed it, else None."""
+        if not server or not self.servers:
+            return None
+        name = server.lower()
+        if name in self.servers:
+            return name
+        host = name.rsplit(":", 1)[0] if not name.endswith("]") else name
+        return host if host in self.servers else None
+
+    def observe_state_fetch(self, outcome: str, seconds: float) -> None:
+        self.state_fetches.labels(outcome).inc()
+        self.state_fetch_seconds.observe(seconds)
+
+    def set_build(self, mode: str, *, distribution: str = "modgud") -> None:
+        """modgud_build_info. `distribution`: modgud-synapse for the Synapse module, whose
+        `mitmproxy` label says `none` (it runs in Synapse, without mitmproxy)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "unknown"
+
+        self.build.info(
+            {
+                "version": of(distribution),
+                "mitmproxy": of("mitmproxy") if distribution == "modgud" else "none",
+                "python": platform.python_version(),
+                "mode": mode,
+            }
+        )
+
+    def watch_caches(self, sizes: Mapping[str, Callable[[], float]]) -> None:
+        for cache, size in sizes.items():
+            self.cache_entries.labels(cache).set_function(size)
+
+
+class Metrics(FindingMetrics):
+    """All of modgud's metrics on one registry (injectable, so tests read samples)."""
+
+    def __init__(self, registry: CollectorRegistry, servers: tuple[str, ...] = ()) -> None:
+        super().__init__(registry, servers)
         c = self._counter
         self.requests = c(
             "modgud_requests",
@@ -79,21 +207,6 @@ class Metrics:
             "EDUs checked, by direction, action and deciding rule (none: nothing found)",
             ["direction", "action", "rule"],
         )
-        self.findings = c(
-            "modgud_findings",
-            "Findings recorded, by rule, action and severity",
-            ["rule", "action", "severity"],
-        )
-        self.leaks = c(
-            "modgud_leaks",
-            "Leak findings, by kind (the rule) and confidence",
-            ["kind", "confidence"],
-        )
-        self.server_findings = c(
-            "modgud_server_findings",
-            "Findings blamed on a server the operator listed in metrics.servers, by rule",
-            ["server", "rule"],
-        )
         self.server_requests = c(
             "modgud_server_requests",
             "Inbound requests from a server listed in metrics.servers, by outcome",
@@ -104,23 +217,10 @@ class Metrics:
             "Event hook (synapse-http-antispam) calls, by callback, answer and decider",
             ["callback", "answer", "decided_by"],
         )
-        self.state_fetches = c(
-            "modgud_state_fetches",
-            "Room-state fetches from the homeserver, by outcome",
-            ["outcome"],
-        )
         self.key_fetches = c(
             "modgud_key_fetches",
             "Server-key fetches (homeserver notary, then trusted key servers), by outcome",
             ["outcome"],
-        )
-        self.fail_open = c(
-            "modgud_fail_open",
-            "Items let through because a check could not be made (on_error: open), by place",
-            ["where"],
-        )
-        self.internal_errors = c(
-            "modgud_internal_errors", "Internal errors caught by modgud, by place", ["where"]
         )
         self.knocks = c(
             "modgud_knocks",
@@ -148,25 +248,8 @@ class Metrics:
             buckets=_PER_PDU,
             registry=registry,
         )
-        self.state_fetch_seconds = Histogram(
-            "modgud_state_fetch_seconds",
-            "Room-state fetch latency",
-            buckets=_FAST,
-            registry=registry,
-        )
         self.key_fetch_seconds = Histogram(
             "modgud_key_fetch_seconds", "Server-key fetch latency", buckets=_FAST, registry=registry
-        )
-        self.cache_entries = Gauge(
-            "modgud_cache_entries",
-            "Entries in modgud's bounded caches, by cache",
-            ["cache"],
-            registry=registry,
-        )
-        self.policy_rules = Gauge(
-            "modgud_policy_list_rules",
-            "Ban rules (servers and users) from the subscribed policy lists",
-            registry=registry,
         )
         self.acl_largest_bytes = Gauge(
             "modgud_acl_largest_bytes",
@@ -179,12 +262,6 @@ class Metrics:
             "Cached rooms whose server ACL allows no server at all (redacted, or emptied)",
             registry=registry,
         )
-        self.store_queue = Gauge(
-            "modgud_store_queue",
-            "Records waiting for the SQLite writer",
-            registry=registry,
-        )
-        self.build = Info("modgud_build", "modgud build information", registry=registry)
         self.start_time = Gauge(
             "modgud_start_time_seconds", "When modgud started (Unix time)", registry=registry
         )
@@ -193,48 +270,29 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
 
-    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
-        return Counter(name, documentation, labels, registry=self.registry)
-
-    def server_label(self, server: str | None) -> str | None:
-        """The server as a label value when the operator listed it, else None."""
-        if not server or not self.servers:
-            return None
-        name = server.lower()
-        if name in self.servers:
-            return name
-        host = name.rsplit(":", 1)[0] if not name.endswith("]") else name
-        return host if host in self.servers else None
-
-    def observe_state_fetch(self, outcome: str, seconds: float) -> None:
-        self.state_fetches.labels(outcome).inc()
-        self.state_fetch_seconds.observe(seconds)
-
     def observe_key_fetch(self, outcome: str, seconds: float) -> None:
         self.key_fetches.labels(outcome).inc()
         self.key_fetch_seconds.observe(seconds)
 
-    def set_build(self, mode: str) -> None:
-        from importlib.metadata import PackageNotFoundError, version
 
-        def of(package: str) -> str:
-            try:
-                return version(package)
-            except PackageNotFoundError:
-                return "unknown"
+class ModuleMetrics(FindingMetrics):
+    """The Synapse module's metrics, on Synapse's own registry (served by Synapse's metrics
+    listener): the shared ones, and its callbacks with the hook's label sets."""
 
-        self.build.info(
-            {
-                "version": of("modgud"),
-                "mitmproxy": of("mitmproxy"),
-                "python": platform.python_version(),
-                "mode": mode,
-            }
+    def __init__(self, registry: CollectorRegistry, servers: tuple[str, ...] = ()) -> None:
+        super().__init__(registry, servers)
+        self.calls = self._counter(
+            "modgud_module_calls",
+            "Synapse module callbacks, by callback, answer and decider",
+            ["callback", "answer", "decided_by"],
         )
-
-    def watch_caches(self, sizes: Mapping[str, Callable[[], float]]) -> None:
-        for cache, size in sizes.items():
-            self.cache_entries.labels(cache).set_function(size)
+        self.seconds = Histogram(
+            "modgud_module_seconds",
+            "Synapse module callback time, by callback (state reads included)",
+            ["callback"],
+            buckets=_MODULE,
+            registry=registry,
+        )
 
 
 class StoreCollector:

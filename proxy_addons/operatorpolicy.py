@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from proxy_addons.config import Config
-from proxy_addons.statesource import StateError
+from proxy_addons.sources import FetchState, StateError
 from rules.policy import SERVER_RULE_TYPES, USER_RULE_TYPES, BanList, OperatorPolicy
 from rules.roomstate import (
     KNOCK_RULE_TYPES,
@@ -37,8 +37,6 @@ RULE_TYPES = SERVER_RULE_TYPES | USER_RULE_TYPES
 SPACE_TYPES = (
     frozenset({"m.space.child", "m.room.server_acl"}) | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
 )
-
-FetchState = Callable[[str], Awaitable[list[object] | None]]
 
 
 async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy, list[str]] | None:
@@ -84,9 +82,7 @@ async def _read[T](what: str, room_id: str, read: Awaitable[T | None]) -> T | No
 
 
 class OperatorPolicySource:
-    def __init__(
-        self, config: Config, fetch_state: Callable[[str], Awaitable[list[object] | None]]
-    ) -> None:
+    def __init__(self, config: Config, fetch_state: FetchState) -> None:
         self.rooms = tuple(config.policy_lists)
         self.space_ids = tuple(config.spaces)
         self._space_rooms: dict[str, tuple[RoomPolicy, list[str]]] = {}

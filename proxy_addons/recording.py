@@ -1,24 +1,39 @@
-"""Turning findings into stored records and metrics."""
+"""Turning findings into stored records and metrics: the one effect every judge's
+verdict has, the edge's, the hook's and the Synapse module's alike."""
 
 from __future__ import annotations
 
 import collections
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from prometheus_client import Counter
 
-from proxy_addons.metrics import LEAK_KINDS
-from proxy_addons.runtime import Runtime
-from proxy_addons.store import FindingRecord
+from proxy_addons.metrics import LEAK_KINDS, FindingMetrics
+from proxy_addons.store import FindingRecord, Record
 from rules.checks import ItemVerdict
 from rules.findings import Finding
 
-__all__ = ["count_items", "record_findings"]
+__all__ = ["Recorder", "count_items", "record_findings"]
+
+
+class _Store(Protocol):
+    def record(self, records: Iterable[Record]) -> None: ...
+
+
+class Recorder(Protocol):
+    """Where findings go: modgud's Runtime, or the Synapse module's judge."""
+
+    @property
+    def store(self) -> _Store: ...
+
+    @property
+    def metrics(self) -> FindingMetrics: ...
 
 
 def record_findings(
-    runtime: Runtime,
+    runtime: Recorder,
     findings: Iterable[Finding],
     *,
     action: str,

@@ -17,16 +17,13 @@ from urllib.parse import quote
 
 import aiohttp
 
+from proxy_addons.sources import StateError
 from rules.checks import UNAVAILABLE, StateUnavailable
 from rules.roomstate import RoomPolicy, room_policy_from_state
 
 __all__ = ["RoomStateCache", "RoomStateSource", "StateError", "SynapseAdminStateSource"]
 
 logger = logging.getLogger(__name__)
-
-
-class StateError(Exception):
-    """The state source failed (unreachable, 5xx, bad answer)."""
 
 
 class RoomStateSource(Protocol):
