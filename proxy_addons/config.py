@@ -254,10 +254,16 @@ def _is_file(path: Path) -> bool:
 MAX_TOKEN_BYTES = 4096
 
 
-def _read_token(node: _Node, name: str, base: Path) -> str | None:
+# What a secret is when the config is loaded without reading secrets (the Synapse module).
+NOT_READ = "(not read)"
+
+
+def _read_token(node: _Node, name: str, base: Path, secrets: bool = True) -> str | None:
     path = node.get(name, str)
     if path is None:
         return None
+    if not secrets:
+        return NOT_READ
     full = (base / path).resolve()
     # The file's content is a secret: no message below quotes any of it.
     try:
@@ -279,8 +285,12 @@ def _read_token(node: _Node, name: str, base: Path) -> str | None:
     return token
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate a config file; raises ConfigError naming file, key and line."""
+def load_config(path: str | Path, *, secrets: bool = True) -> Config:
+    """Load and validate a config file; raises ConfigError naming file, key and line.
+
+    `secrets=False` (the Synapse module, which runs as Synapse's user and needs none of
+    them): token files, the TLS certificate and key and the signing key are neither read
+    nor checked; tokens read as NOT_READ."""
     path = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -327,7 +337,7 @@ def load_config(path: str | Path) -> Config:
         cert = tls.get("certificate", str, required=True)
         key = tls.get("key", str, required=True)
         for name, value in (("certificate", cert), ("key", key)):
-            if not _is_file(base / value):
+            if secrets and not _is_file(base / value):
                 raise tls.error(name, f"no such file: {base / value}")
         cert, key = str(base / cert), str(base / key)
         tls.reject_unknown()
@@ -343,7 +353,7 @@ def load_config(path: str | Path) -> Config:
     hook = hook_token = None
     if hook_node is not None:
         hook = _parse_listen(hook_node, "listen", "127.0.0.1:8099")
-        hook_token = _read_token(hook_node, "token_file", base)
+        hook_token = _read_token(hook_node, "token_file", base, secrets)
         if hook is not None and hook_token is None and not is_loopback(hook.host):
             # Whoever reaches the hook can have events judged, rooms refetched and
             # findings recorded: off loopback, only the homeserver may call it.
@@ -360,9 +370,9 @@ def load_config(path: str | Path) -> Config:
     client_api = upstream
     if hs is not None:
         admin_api = _parse_url(hs, "admin_api", required=False, default=upstream) or upstream
-        admin_token = _read_token(hs, "access_token_file", base)
+        admin_token = _read_token(hs, "access_token_file", base, secrets)
         client_api = _parse_url(hs, "client_api", required=False, default=admin_api) or admin_api
-        room_admin_token = _read_token(hs, "room_admin_token_file", base)
+        room_admin_token = _read_token(hs, "room_admin_token_file", base, secrets)
         hs.reject_unknown()
 
     database = top.get("database", str, "modgud.db")
@@ -381,7 +391,7 @@ def load_config(path: str | Path) -> Config:
     if not 0 <= retention <= 36_500:
         raise top.error("index_retention_days", "must be a number of days from 0 (keep) to 36500")
     key_servers = _parse_key_servers(top)
-    outbound_options = _parse_outbound(top, base, database, outbound is not None)
+    outbound_options = _parse_outbound(top, base, database, outbound is not None, secrets)
     metrics_servers = _parse_metrics(top)
     participation_rooms: tuple[str, ...] = ()
     policy_lists: tuple[str, ...] = ()
@@ -502,7 +512,9 @@ def _parse_metrics(top: _Node) -> tuple[str, ...]:
     return tuple(s.lower() for s in servers)
 
 
-def _parse_outbound(top: _Node, base: Path, database: str, listening: bool) -> dict[str, Any]:
+def _parse_outbound(
+    top: _Node, base: Path, database: str, listening: bool, secrets: bool = True
+) -> dict[str, Any]:
     """The `outbound:` section: how modgud, as the homeserver's https_proxy, talks TLS to
     the homeserver (its CA) and to remote servers, and the key to re-sign with."""
     node = top.child("outbound")
@@ -522,7 +534,7 @@ def _parse_outbound(top: _Node, base: Path, database: str, listening: bool) -> d
             raise node.error("ca_file", f"no such file: {base / ca_file}")
         out["outbound_ca_file"] = str(base / ca_file)
     key_file = node.get("signing_key_file", str)
-    if key_file is not None:
+    if key_file is not None and secrets:
         out["outbound_signing_key"] = _read_signing_key(node, base / key_file)
     node.reject_unknown()
     return out

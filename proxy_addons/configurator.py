@@ -9,6 +9,7 @@ import logging
 from mitmproxy import exceptions
 from mitmproxy.addonmanager import Loader
 
+from proxy_addons.changes import ChangeFollower
 from proxy_addons.config import ConfigError, exposure_warnings, load_config
 from proxy_addons.runtime import RuntimeHolder, build_runtime
 
@@ -25,6 +26,7 @@ class Configurator:
     def __init__(self, holder: RuntimeHolder) -> None:
         self.holder = holder
         self._policy_task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
         loader.add_option("modgud_config", str, "", "Path of modgud's YAML config file.")
@@ -57,14 +59,20 @@ class Configurator:
         # objects every few seconds under load (measured: about 0.1 ms per transaction).
         gc.freeze()
         runtime = self.holder.runtime
-        if runtime is not None and runtime.policy.active:
-            self._policy_task = asyncio.get_running_loop().create_task(runtime.policy.run())
+        if runtime is None:
+            return
+        loop = asyncio.get_running_loop()
+        if runtime.policy.active:
+            self._policy_task = loop.create_task(runtime.policy.run())
+        # What the Synapse module (or another process) recorded: rooms to refetch.
+        self._follow_task = loop.create_task(ChangeFollower(runtime).run())
 
     async def done(self) -> None:
         """The first addon's `done`: while the other addons (the hook among them) still
         run, new inbound requests get a 503 and those in flight are answered."""
-        if self._policy_task is not None:
-            self._policy_task.cancel()
+        for task in (self._policy_task, self._follow_task):
+            if task is not None:
+                task.cancel()
         runtime = self.holder.runtime
         if runtime is None:
             return

@@ -50,6 +50,7 @@ __all__ = [
     "FindingRecord",
     "FindingStore",
     "KnockRecord",
+    "StateChange",
     "decide_knock",
     "query_findings",
     "query_knocks",
@@ -115,6 +116,19 @@ class KnockRecord:
     policy_match: str | None = None  # what modgud's policy lists say of the server
 
 
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """A room's state changing in a way modgud's checks read, seen by one part of modgud
+    (the Synapse module sees local users' state events, and those Synapse pulls, which
+    the edge never does): the others refetch the room (see proxy_addons/changes.py)."""
+
+    ts: float
+    room_id: str
+    event_type: str
+    state_key: str
+    event_id: str | None
+
+
 KNOCK_COLUMNS = (
     "room_id",
     "server",
@@ -146,7 +160,16 @@ SCHEMA = (
     "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
     "status TEXT DEFAULT 'pending', policy_match TEXT, decided_at REAL, reason TEXT, "
     "PRIMARY KEY (room_id, server))",
+    "CREATE TABLE IF NOT EXISTS state_changes (id INTEGER PRIMARY KEY, ts REAL, "
+    "room_id TEXT NOT NULL, event_type TEXT, state_key TEXT, event_id TEXT)",
 )
+INSERT_STATE_CHANGE = (
+    "INSERT INTO state_changes (ts, room_id, event_type, state_key, event_id) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+# State changes are news for a moment only: kept an hour.
+STATE_CHANGES_KEPT_SECONDS = 3600.0
+PRUNE_STATE_CHANGES = "DELETE FROM state_changes WHERE ts < ?"
 
 _FINDING_VALUES = ", ".join("?" for _ in FINDING_COLUMNS)
 INSERT_FINDING = f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) VALUES ({_FINDING_VALUES})"  # noqa: S608 - fixed names
@@ -185,7 +208,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
-Record = FindingRecord | KnockRecord | IndexBatch
+Record = FindingRecord | KnockRecord | IndexBatch | StateChange
 
 PRUNE_CHUNK = 5_000
 PRUNE_CHUNKS = 20
@@ -326,6 +349,8 @@ class FindingStore:
         before the next). A failure is logged and the pass tried again later."""
         cutoff = time.time() - self.index_retention_seconds
         try:
+            with db:
+                db.execute(PRUNE_STATE_CHANGES, (time.time() - STATE_CHANGES_KEPT_SECONDS,))
             for _ in range(PRUNE_CHUNKS):
                 with db:
                     deleted = db.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
@@ -340,6 +365,11 @@ class FindingStore:
     def _write(self, db: sqlite3.Connection, batch: list[Record]) -> None:
         findings = [r.as_tuple() for r in batch if isinstance(r, FindingRecord)]
         knocks = [r for r in batch if isinstance(r, KnockRecord)]
+        changes: list[tuple[object, ...]] = [
+            (c.ts, c.room_id, c.event_type, c.state_key, c.event_id)
+            for c in batch
+            if isinstance(c, StateChange)
+        ]
         index = [row for r in batch if isinstance(r, IndexBatch) for row in r.rows]
         size = sum(_size(r) for r in batch)
         attempt = 0
@@ -352,6 +382,8 @@ class FindingStore:
                         db.executemany(EVENT_UPSERT, index)
                     for k in knocks:
                         db.execute(UPSERT_KNOCK, [k.room_id, k.server, k.ts, k.ts, k.policy_match])
+                    if changes:
+                        db.executemany(INSERT_STATE_CHANGE, changes)
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
@@ -369,6 +401,7 @@ class FindingStore:
                     KnockRecord(k.ts, storable(k.room_id), storable(k.server), k.policy_match)
                     for k in knocks
                 ]
+                changes = [tuple(_escaped(v) for v in row) for row in changes]
                 escaped = True
             except (
                 sqlite3.IntegrityError,
@@ -520,3 +553,51 @@ def decide_knock(path: str, room_id: str, server: str, status: str, reason: str 
             )
     finally:
         db.close()
+
+
+def _read_only(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+
+
+def latest_ids(path: str) -> tuple[int, int]:
+    """The newest state change's and finding's row IDs (0 when none)."""
+    conn = _read_only(path)
+    try:
+        (change,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM state_changes").fetchone()
+        (finding,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM findings").fetchone()
+    finally:
+        conn.close()
+    return int(change), int(finding)
+
+
+def state_changes_after(path: str, last_id: int, limit: int = 10_000) -> list[tuple[Any, ...]]:
+    """State changes recorded after row `last_id`: (id, room_id, event_type, state_key)."""
+    conn = _read_only(path)
+    try:
+        return conn.execute(
+            "SELECT id, room_id, event_type, state_key FROM state_changes WHERE id > ? "
+            "ORDER BY id LIMIT ?",
+            (last_id, limit),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def judged_refusals_after(
+    path: str, last_id: int, rules: Iterable[str], limit: int = 10_000
+) -> list[tuple[Any, ...]]:
+    """Findings the homeserver's judges (hook, module) recorded after row `last_id` with
+    one of `rules` and an event ID: (id, room_id, event_id, sender_server)."""
+    wanted = list(rules)
+    marks = ", ".join("?" for _ in wanted)
+    sql = (
+        "SELECT id, room_id, event_id, sender_server FROM findings "  # noqa: S608 - marks only
+        f"WHERE id > ? AND endpoint IN ('hook', 'module') AND rule IN ({marks}) "
+        "AND event_id IS NOT NULL AND room_id IS NOT NULL AND sender_server IS NOT NULL "
+        "ORDER BY id LIMIT ?"
+    )
+    conn = _read_only(path)
+    try:
+        return conn.execute(sql, (last_id, *wanted, limit)).fetchall()
+    finally:
+        conn.close()

@@ -248,3 +248,28 @@ def test_shipped_example_config_is_valid(tmp_path):
     assert config.policy_lists == ("!banlist:example.org",)
     assert config.check_actions.setting("edu_impersonation", None, ()).action == "flag"
     assert main(["check-config", str(path)]) == 0
+
+
+def test_without_secrets_nothing_secret_is_read_and_the_rest_is_checked(tmp_path):
+    """The Synapse module loads the same modgud.yaml as Synapse's user: token files, the
+    TLS key and the signing key are not read (they may be modgud's alone), everything
+    else is validated as usual."""
+    from proxy_addons.config import NOT_READ
+
+    text = MINIMAL + (
+        "tls: {certificate: nowhere.pem, key: nowhere.key}\n"
+        "hook: {listen: '127.0.0.1:8099', token_file: unreadable.token}\n"
+        "homeserver: {access_token_file: unreadable.token}\n"
+        "listen: {outbound: '127.0.0.1:8449'}\n"
+        "outbound: {signing_key_file: unreadable.key}\n"
+        "policy: {policy_lists: ['!bans:example.org']}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError):
+        load_config(path)
+    config = load_config(path, secrets=False)
+    assert config.hook_token == NOT_READ and config.admin_token == NOT_READ
+    assert config.outbound_signing_key is None
+    assert config.policy_lists == ("!bans:example.org",)
+    with pytest.raises(ConfigError, match="modgud.yaml:3: mode"):
+        load_config(write(tmp_path, MINIMAL + "mode: loud\n"), secrets=False)
