@@ -1,6 +1,7 @@
 # modgud — make demo | make test | make check | make bench
 # Finds a Python >= 3.12 by itself (.ci/find-python) and builds .venv (modgud) and
-# .venv-synapse (real Synapse + synapse-http-antispam for the end-to-end tests and the demo).
+# .venv-synapse (real Synapse, modgud's Synapse module and synapse-http-antispam, for the
+# end-to-end tests and the demo).
 
 SHELL := /bin/bash
 VENV := .venv
@@ -30,7 +31,15 @@ $(SYNAPSE_VENV)/.stamp:
 	$(SYNAPSE_VENV)/bin/python -m pip install -q 'matrix-synapse==$(SYNAPSE_VERSION)' 'synapse-http-antispam==$(ANTISPAM_VERSION)'
 	@touch $@
 
-synapse: $(SYNAPSE_VENV)/.stamp
+# modgud's Synapse module, installed the way the README tells operators to (its build
+# carries rules/ and the shared parts of proxy_addons/, so it is redone when they change).
+MODULE_SOURCES := $(wildcard synapse_module/*.py synapse_module/*.toml synapse_module/modgud_synapse/*.py rules/*.py proxy_addons/*.py)
+$(SYNAPSE_VENV)/.module-stamp: $(SYNAPSE_VENV)/.stamp $(MODULE_SOURCES)
+	$(SYNAPSE_VENV)/bin/pip install -q ./synapse_module
+	@rm -rf synapse_module/build synapse_module/*.egg-info
+	@touch $@
+
+synapse: $(SYNAPSE_VENV)/.stamp $(SYNAPSE_VENV)/.module-stamp
 
 ## nginx and Prometheus from Debian's packages, when missing (as root; else says what to install).
 deps:
@@ -54,6 +63,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy --strict rules
 	$(VENV)/bin/mypy proxy_addons
+	$(VENV)/bin/mypy synapse_module/modgud_synapse synapse_module/setup.py
 
 unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
