@@ -150,8 +150,11 @@ class SynapseHomeserver:
         tls_port: int | None = None,
         modules: list[dict[str, Any]] | None = None,
         extra_config: dict[str, Any] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
+        """`metrics_port`: a metrics listener (Synapse's and its modules' metrics)."""
         self.workdir = Path(workdir)
+        self.metrics_port = metrics_port
         self.server_name = server_name
         self.http_port = http_port
         self.tls_port = tls_port
@@ -210,6 +213,10 @@ class SynapseHomeserver:
             )
             config["tls_certificate_path"] = str(cert)
             config["tls_private_key_path"] = str(key)
+        if self.metrics_port is not None:
+            listeners.append(
+                {"port": self.metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"}
+            )
         log_config = self.workdir / "log.yaml"
         log_config.write_text(
             yaml.safe_dump(
@@ -249,7 +256,7 @@ class SynapseHomeserver:
                 "enable_registration": False,
                 "report_stats": False,
                 "presence": {"enabled": True},
-                "enable_metrics": False,
+                "enable_metrics": self.metrics_port is not None,
                 "modules": self.modules,
                 **RATE_LIMITS,
             }
@@ -279,6 +286,18 @@ class SynapseHomeserver:
         raise RuntimeError(
             f"Synapse {self.server_name} did not start in {timeout} s:\n{self.log_tail()}"
         )
+
+    def restart(self) -> None:
+        """Stop and start again (config and database kept), as an operator restarts it
+        after changing a module's configuration."""
+        self.stop()
+        self.start()
+
+    def metrics_text(self) -> str:
+        assert self.metrics_port is not None, "started without a metrics listener"
+        url = f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return str(r.read().decode())
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -1,8 +1,12 @@
 """A small federation on loopback: hs1 behind modgud, hs2 and hs3 direct.
 
     hs2 (127.0.0.1:P2) ─┐
-                         ├─ TLS ─> modgud (localhost:P1) ─ plain HTTP ─> hs1
-    hs3 (localhost:P3) ─┘                 ▲ event hook (synapse-http-antispam)
+                         ├─ TLS ─> modgud (localhost:P1) ─ plain HTTP ─> hs1 [modgud module]
+    hs3 (localhost:P3) ─┘                 ▲ or: event hook (synapse-http-antispam)
+
+Inside hs1, events are judged by modgud's Synapse module (the default, `inside="module"`),
+by the HTTP hook (`"hook"`), or by the hook with the module beside it in audit mode
+(`"both"`: the hook decides, the module's would-be answers can be compared with it).
 
 hs2's name is an IP literal and hs1/hs3's are `localhost`, so an ACL that denies
 `127.0.0.1` tells them apart (ACLs ignore ports). Used by the end-to-end tests and the demo;
@@ -62,13 +66,18 @@ class Topology:
         mode: str = "enforce",
         on_error: str = "open",
         outbound: bool = False,
+        inside: str = "module",
     ) -> None:
         """`outbound`: hs1 sends its federation through modgud's outbound listener (its
-        https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying."""
+        https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying.
+        `inside`: what judges events inside hs1 — module, hook, or both (see above)."""
+        if inside not in ("module", "hook", "both"):
+            raise ValueError(f"inside: module, hook or both, not {inside!r}")
         self.workdir = Path(workdir)
         self.mode = mode
         self.on_error = on_error
         self.outbound = outbound
+        self.inside = inside
         self.modgud_port = free_port()
         self.hook_port = free_port()
         self.outbound_port = free_port()
@@ -98,6 +107,14 @@ class Topology:
                 "fail_open": {"check_event_for_spam": False},
             },
         }
+        self.config_path = self.workdir / "modgud.yaml"
+        module = {
+            "module": "modgud_synapse.ModgudModule",
+            "config": {"config": str(self.config_path)},
+        }
+        if inside == "both":
+            module["config"]["mode"] = "audit"  # type: ignore[index]
+        modules = {"module": [module], "hook": [antispam], "both": [module, antispam]}[inside]
         hs1_config: dict[str, Any] = dict(keys)
         if outbound:
             from proxy_addons.outbound import ensure_ca
@@ -113,8 +130,9 @@ class Topology:
             self.workdir / "hs1",
             f"localhost:{self.modgud_port}",
             http_port=free_port(),
-            modules=[antispam],
+            modules=modules,
             extra_config=hs1_config,
+            metrics_port=free_port(),
         )
         self.hs2 = SynapseHomeserver(
             self.workdir / "hs2",
@@ -131,7 +149,6 @@ class Topology:
             extra_config=keys,
         )
         self.modgud: subprocess.Popen[bytes] | None = None
-        self.config_path = self.workdir / "modgud.yaml"
         self.database = self.workdir / "modgud.db"
         self.capture = self.workdir / "capture.flows"
         self.alice: ClientApi
@@ -143,9 +160,16 @@ class Topology:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    @property
+    def module_loaded(self) -> bool:
+        return self.inside in ("module", "both")
+
     def start(self) -> Topology:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.peer.start()
+        # The module reads modgud.yaml when hs1 starts: one without the policy rooms,
+        # which exist only once hs1 runs; hs1 is restarted with the final one below.
+        self._write_config()
         errors: list[BaseException] = []
 
         def start(hs: SynapseHomeserver) -> None:
@@ -173,6 +197,8 @@ class Topology:
         # A space whose policy binds its rooms (alice builds its hierarchy in tests).
         self.space = admin.create_room(name="modgud test space")
         self._start_modgud()
+        if self.module_loaded:
+            self.hs1.restart()  # the module reads the policy rooms now in modgud.yaml
         for name, hs in (("bob", self.hs2), ("carol", self.hs3)):
             user_id, token = hs.register_user(name)
             self.users[name] = user_id
@@ -181,7 +207,18 @@ class Topology:
         self.alice = ClientApi(self.hs1.base_url, alice_token)
         return self
 
-    def _start_modgud(self) -> None:
+    def _write_config(self) -> None:
+        policy = (
+            f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
+            " refresh_seconds: 5}"
+            if self.policy_room
+            else "policy: {refresh_seconds: 5}"
+        )
+        hook = (
+            [f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}"]
+            if self.inside in ("hook", "both")
+            else []
+        )
         self.config_path.write_text(
             "\n".join(
                 [
@@ -191,11 +228,10 @@ class Topology:
                     f"  inbound: 127.0.0.1:{self.modgud_port}",
                     f"  metrics: 127.0.0.1:{self.metrics_port}",
                     *self._outbound_config(),
-                    f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}",
+                    *hook,
                     "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
                     f"metrics: {{servers: ['{self.leaky.name}']}}",
-                    f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
-                    " refresh_seconds: 5}",
+                    policy,
                     f"mode: {self.mode}",
                     f"on_error: {self.on_error}",
                     f"database: {self.database}",
@@ -209,6 +245,9 @@ class Topology:
                 ]
             )
         )
+
+    def _start_modgud(self) -> None:
+        self._write_config()
         log = open(self.workdir / "modgud.log", "ab")  # noqa: SIM115 - closed with the process
         modgud = Path(sys.executable).with_name("modgud")
         self.modgud = subprocess.Popen(
@@ -225,7 +264,8 @@ class Topology:
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
         )
-        if not (_wait_port(self.hook_port, 30) and _wait_port(self.modgud_port, 30)):
+        hook_up = self.inside == "module" or _wait_port(self.hook_port, 30)
+        if not (hook_up and _wait_port(self.modgud_port, 30)):
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())
 

@@ -1,7 +1,10 @@
 """End-to-end fixtures: real Synapse homeservers federating through a real modgud.
 
-Each mode gets one topology for the module (starting three Synapse servers costs tens of
-seconds); each test makes its own rooms.
+Each mode gets one topology for the session (starting three Synapse servers costs tens
+of seconds); each test makes its own rooms. Inside hs1, modgud's Synapse module judges
+events (the default for Synapse); `hook_topology` and `faults_topology` use the HTTP
+hook (synapse-http-antispam) instead, `hook_topology` with the module beside it in audit
+mode, so that the two can be compared event by event.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from proxy_addons.testbed.topology import Topology
 
 
 def _topology(tmp_path_factory, name, **options):
-    mode = name if name in ("enforce", "audit") else "enforce"
+    mode = name if name in ("enforce", "audit") else options.pop("mode", "enforce")
     topo = Topology(tmp_path_factory.mktemp(f"fed-{name}"), mode=mode, **options)
     topo.start()
     return topo
@@ -49,9 +52,19 @@ def any_enforce_topology(request):
 
 
 @pytest.fixture(scope="session")
+def hook_topology(tmp_path_factory):
+    """Enforce mode with the HTTP hook deciding inside hs1 (as for continuwuity, or an
+    operator who prefers it), and the module beside it in audit mode."""
+    topo = _topology(tmp_path_factory, "hook", inside="both")
+    yield topo
+    topo.stop()
+
+
+@pytest.fixture(scope="session")
 def faults_topology(tmp_path_factory):
     """A topology the fault tests may break: they kill modgud, freeze or stop hs1, and
-    restart modgud with other on_error settings; each test leaves it running again."""
-    topo = _topology(tmp_path_factory, "faults")
+    restart modgud with other on_error settings; each test leaves it running again.
+    The HTTP hook decides inside hs1: these are its failure modes."""
+    topo = _topology(tmp_path_factory, "faults", inside="hook")
     yield topo
     topo.stop()
