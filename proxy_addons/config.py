@@ -21,9 +21,11 @@ __all__ = [
     "KeyServer",
     "Listen",
     "Mode",
+    "YamlMapping",
     "exposure_warnings",
     "is_loopback",
     "load_config",
+    "read_yaml",
 ]
 
 
@@ -155,7 +157,7 @@ class _Node:
             if required:
                 raise self.error(name, "is required")
             return None
-        if not isinstance(raw, _Mapping):
+        if not isinstance(raw, YamlMapping):
             raise self.error(name, f"expected a mapping, got {type(raw).__name__}")
         return _Node(self.path, self.key(name) + ".", raw.data, raw.lines, raw.line)
 
@@ -165,7 +167,10 @@ class _Node:
                 raise self.error(name, "unknown key")
 
 
-class _Mapping:
+class YamlMapping:
+    """A YAML mapping as read: its data (nested mappings are YamlMappings too), the line of
+    each key and of the mapping itself."""
+
     def __init__(self, data: dict[str, Any], lines: dict[str, int], line: int) -> None:
         self.data, self.lines, self.line = data, lines, line
 
@@ -183,7 +188,7 @@ def _construct(node: yaml.Node, within: set[int] | None = None) -> Any:
         finally:
             within.discard(id(node))
     try:
-        return yaml.SafeLoader(yaml.serialize(node)).get_single_data()  # scalars, typed
+        return yaml.constructor.SafeConstructor().construct_object(node)  # scalars, typed
     except Exception:  # noqa: BLE001 - PyYAML's constructors raise what their parsing meets
         # a tag its value does not fit: `!!int x` (ValueError), `!!bool maybe` (KeyError)…
         what = f"{str(node.value)[:50]!r} is not a valid {node.tag}"
@@ -202,7 +207,7 @@ def _construct_collection(node: yaml.MappingNode | yaml.SequenceNode, within: se
         key = str(key_node.value)
         data[key] = _construct(value_node, within)
         lines[key] = key_node.start_mark.line + 1
-    return _Mapping(data, lines, node.start_mark.line + 1)
+    return YamlMapping(data, lines, node.start_mark.line + 1)
 
 
 def is_loopback(host: str) -> bool:
@@ -285,13 +290,9 @@ def _read_token(node: _Node, name: str, base: Path, secrets: bool = True) -> str
     return token
 
 
-def load_config(path: str | Path, *, secrets: bool = True) -> Config:
-    """Load and validate a config file; raises ConfigError naming file, key and line.
-
-    `secrets=False` (the Synapse module, which runs as Synapse's user and needs none of
-    them): token files, the TLS certificate and key and the signing key are neither read
-    nor checked; tokens read as NOT_READ."""
-    path = str(path)
+def read_yaml(path: str) -> YamlMapping:
+    """A YAML file whose top level is a mapping, with the line of every key; raises
+    ConfigError naming the file and the line for what cannot be read or parsed."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -311,8 +312,19 @@ def load_config(path: str | Path, *, secrets: bool = True) -> Config:
         ) from None
     except RecursionError:
         raise ConfigError(path, "", None, "not valid YAML: nested too deeply") from None
-    if not isinstance(tree, _Mapping):
+    if not isinstance(tree, YamlMapping):
         raise ConfigError(path, "", 1, "expected a mapping at the top level")
+    return tree
+
+
+def load_config(path: str | Path, *, secrets: bool = True) -> Config:
+    """Load and validate a config file; raises ConfigError naming file, key and line.
+
+    `secrets=False` (the Synapse module, which runs as Synapse's user and needs none of
+    them): token files, the TLS certificate and key and the signing key are neither read
+    nor checked; tokens read as NOT_READ."""
+    path = str(path)
+    tree = read_yaml(path)
     base = Path(path).resolve().parent
     top = _Node(path, "", tree.data, tree.lines, 1)
 
@@ -472,7 +484,7 @@ def _parse_key_servers(top: _Node) -> tuple[KeyServer, ...]:
     out = []
     for i, entry in enumerate(entries):
         name = f"trusted_key_servers[{i}]"
-        if not isinstance(entry, _Mapping):
+        if not isinstance(entry, YamlMapping):
             raise top.error("trusted_key_servers", f"entry {i}: expected a mapping")
         node = _Node(top.path, name + ".", entry.data, entry.lines, entry.line)
         server_name = node.get("server_name", str, required=True)

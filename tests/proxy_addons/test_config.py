@@ -273,3 +273,9 @@ def test_without_secrets_nothing_secret_is_read_and_the_rest_is_checked(tmp_path
     assert config.policy_lists == ("!bans:example.org",)
     with pytest.raises(ConfigError, match="modgud.yaml:3: mode"):
         load_config(write(tmp_path, MINIMAL + "mode: loud\n"), secrets=False)
+
+
+def test_a_key_without_a_value_is_its_default(tmp_path):
+    """`listen:` with nothing under it (a section emptied by hand) reads as absent."""
+    config = load_config(write(tmp_path, MINIMAL + "listen:\nstate:\n"))
+    assert str(config.inbound) == "0.0.0.0:8448" and config.state_ttl_seconds == 300
