@@ -21,6 +21,7 @@ from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.replay import ReplayError, replay_capture
 from proxy_addons.spaces import run_plan, write_plan
 from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
+from proxy_addons.synapseconfig import homeserver_modules, module_snippet
 from rules.policy import CHECKS
 
 __all__ = ["main"]
@@ -165,6 +166,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  mode         {config.mode.value} (on_error: {config.on_error})")
     print(f"  inbound      {config.inbound} -> {config.upstream}")
     print(f"  event hook   {config.hook or 'off'}")
+    homeserver = (
+        homeserver_modules(args.homeserver_config, config) if args.homeserver_config else None
+    )
+    if homeserver is not None:
+        print(f"  in Synapse   {homeserver.describe()}")
     print(f"  metrics      {config.metrics or 'off'}")
     if config.outbound is not None:
         remote = "not verified" if not config.outbound_verify_tls else "verified"
@@ -200,6 +206,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")
     for warning in exposure_warnings(config):
         print(f"  warning: {warning}")
+    for warning in homeserver.warnings(config) if homeserver is not None else ():
+        print(f"  warning: {warning}")
+    return 0
+
+
+def cmd_synapse_config(args: argparse.Namespace) -> int:
+    # Loaded as the module will load it (no secrets): what the module cannot load is an
+    # error here, before Synapse refuses to start.
+    config = load_config(args.config, secrets=False)
+    sys.stdout.write(module_snippet(config, mode=args.mode))
     return 0
 
 
@@ -520,8 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--config", "-c", required=True, help="modgud.yaml")
     ca.set_defaults(func=cmd_ca)
 
+    synapse = sub.add_parser(
+        "synapse-config", help="print the homeserver.yaml modules: entry for modgud's module"
+    )
+    synapse.add_argument("--config", "-c", required=True, help="modgud.yaml")
+    synapse.add_argument(
+        "--mode", choices=["enforce", "audit"], help="the module's own mode (default: the config's)"
+    )
+    synapse.set_defaults(func=cmd_synapse_config)
+
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config", help="modgud.yaml")
+    check.add_argument(
+        "--homeserver-config",
+        metavar="HOMESERVER_YAML",
+        help="also check what this homeserver.yaml loads of modgud (module, HTTP hook)",
+    )
     check.set_defaults(func=cmd_check_config)
     return parser
 

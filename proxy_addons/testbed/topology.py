@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from proxy_addons.store import query_findings
 from proxy_addons.testbed.homeserver import (
     ClientApi,
@@ -108,13 +110,8 @@ class Topology:
             },
         }
         self.config_path = self.workdir / "modgud.yaml"
-        module = {
-            "module": "modgud_synapse.ModgudModule",
-            "config": {"config": str(self.config_path)},
-        }
-        if inside == "both":
-            module["config"]["mode"] = "audit"  # type: ignore[index]
-        modules = {"module": [module], "hook": [antispam], "both": [module, antispam]}[inside]
+        # The module's entry is set in start(), from `modgud synapse-config`.
+        modules = {"module": [], "hook": [antispam], "both": [antispam]}[inside]
         hs1_config: dict[str, Any] = dict(keys)
         if outbound:
             from proxy_addons.outbound import ensure_ca
@@ -170,6 +167,10 @@ class Topology:
         # The module reads modgud.yaml when hs1 starts: one without the policy rooms,
         # which exist only once hs1 runs; hs1 is restarted with the final one below.
         self._write_config()
+        if self.module_loaded:
+            # The module as an operator loads it: the entry `modgud synapse-config` prints
+            # (in front of synapse-http-antispam with "both", so that both are asked).
+            self.hs1.modules[:0] = self._module_entry()
         errors: list[BaseException] = []
 
         def start(hs: SynapseHomeserver) -> None:
@@ -206,6 +207,14 @@ class Topology:
         self.users["alice"] = alice_id
         self.alice = ClientApi(self.hs1.base_url, alice_token)
         return self
+
+    def _module_entry(self) -> list[dict[str, Any]]:
+        mode = ["--mode", "audit"] if self.inside == "both" else []
+        snippet = self.cli("synapse-config", *mode)
+        if snippet.returncode != 0:
+            raise RuntimeError(f"modgud synapse-config failed: {snippet.stderr}")
+        entries: list[dict[str, Any]] = yaml.safe_load(snippet.stdout)["modules"]
+        return entries
 
     def _write_config(self) -> None:
         policy = (
