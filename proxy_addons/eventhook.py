@@ -20,12 +20,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from aiohttp import web
 
-from proxy_addons.recording import record_findings
+from proxy_addons.recording import describe_refusal, record_findings
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from rules.checks import (
     ItemVerdict,
@@ -36,7 +36,7 @@ from rules.checks import (
     judge_event,
     pdu_bytes,
 )
-from rules.findings import Decision
+from rules.findings import Decision, Finding
 from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy
 from rules.servername import server_of_user
 
@@ -118,6 +118,17 @@ def _judged_as(event: dict[str, object]) -> dict[str, Any]:
     }
 
 
+def _log_refusal(
+    enforcing: bool, event: dict[str, object], findings: Iterable[Finding], by: str
+) -> None:
+    logger.info(
+        "hook: %s (%s) %s",
+        "refused" if enforcing else "would refuse (audit)",
+        by,
+        describe_refusal(event, findings),
+    )
+
+
 def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Response, str] | None:
     """The answers that need no I/O — local events, the edge's verdict, an event the
     cached room state finds nothing against — given on the hook's own thread; None when
@@ -130,8 +141,10 @@ def quick_decision(runtime: Runtime, event: dict[str, object]) -> tuple[web.Resp
         return None
     edge = runtime.verdicts.get(event_id)
     if edge is not None:
-        if edge.decision is Decision.REFUSE and config.enforcing:
-            return _refuse(edge.reason), "edge"
+        if edge.decision is Decision.REFUSE:
+            _log_refusal(config.enforcing, event, edge.findings, "the edge's verdict")
+            if config.enforcing:
+                return _refuse(edge.reason), "edge"
         return _allow(), "edge"
     room_id = event.get("room_id")
     if not isinstance(room_id, str):
@@ -178,6 +191,8 @@ async def evaluate_event(runtime: Runtime, event: dict[str, object]) -> tuple[we
     if isinstance(policy, StateUnavailable) and not verdict.refused:
         runtime.metrics.fail_open.labels("state").inc()
         logger.warning("hook: no room state for %s, event passed unchecked", room_id)
+    if verdict.refused:
+        _log_refusal(config.enforcing, event, verdict.findings, "the hook")
     if verdict.findings:
         runtime.refused.add_findings(verdict.findings)
         refuse = verdict.refused and config.enforcing

@@ -15,7 +15,7 @@ from proxy_addons.store import FindingRecord, Record
 from rules.checks import ItemVerdict
 from rules.findings import Finding
 
-__all__ = ["Recorder", "count_items", "record_findings"]
+__all__ = ["Recorder", "count_items", "describe_refusal", "record_findings"]
 
 
 class _Store(Protocol):
@@ -95,3 +95,13 @@ def count_items(
     )
     for (action, rule), n in counts.items():
         counter.labels(direction, action, rule).inc(n)
+
+
+def describe_refusal(event: object, findings: Iterable[Finding]) -> str:
+    """A judge's refusal of an event for its log, the same from every judge:
+    `$event in !room [rule,…]: detail; …` (the hook's and the module's can be compared)."""
+    get = event.get if isinstance(event, dict) else (lambda _key: None)
+    found = list(findings)
+    rules = ",".join(sorted({f.rule for f in found}))
+    details = "; ".join(f.detail for f in found)
+    return f"{get('event_id')} in {get('room_id')} [{rules}]: {details}"

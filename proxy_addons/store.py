@@ -182,6 +182,12 @@ INSERT_FINDING_ONCE = (
 DELETE_SUPERSEDED = (
     "DELETE FROM findings WHERE event_id = ? AND rule = ? AND endpoint IN ('hook', 'module')"
 )
+# A judge that refused an event replaces another judge's flag for it (the module in audit
+# beside the enforcing hook, while an operator trials it): the row says what was done.
+DELETE_JUDGED_FLAG = (
+    "DELETE FROM findings WHERE event_id = ? AND rule = ? AND action = 'flagged' "
+    "AND endpoint IN ('hook', 'module')"
+)
 UPSERT_KNOCK = (
     "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
     "policy_match) VALUES (?, ?, ?, ?, 1, ?) "
@@ -435,17 +441,21 @@ class FindingStore:
 _EVENT_ID = FINDING_COLUMNS.index("event_id")
 _RULE = FINDING_COLUMNS.index("rule")
 _ENDPOINT = FINDING_COLUMNS.index("endpoint")
+_ACTION = FINDING_COLUMNS.index("action")
 
 
 def _insert_findings(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
     """One finding per event and rule between the edge and the homeserver's judges: an
     edge finding (it knows the delivering server) replaces theirs, and theirs is left out
-    when one is recorded already (Synapse also asks again about an event it pulls)."""
+    when one is recorded already (Synapse also asks again about an event it pulls) — but
+    a judge's refusal replaces a judge's mere flag."""
     edge: list[tuple[object, ...]] = []
     judged: list[tuple[object, ...]] = []
     for row in rows:
         if row[_EVENT_ID] is not None and row[_ENDPOINT] in IN_HOMESERVER_ENDPOINTS:
             judged.append((*row, row[_EVENT_ID], row[_RULE]))
+            if row[_ACTION] != "flagged":
+                db.execute(DELETE_JUDGED_FLAG, (row[_EVENT_ID], row[_RULE]))
         else:
             edge.append(row)
             if row[_EVENT_ID] is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from proxy_addons.config import Config
 from proxy_addons.metrics import ModuleMetrics
 from proxy_addons.operatorpolicy import OperatorPolicySource
-from proxy_addons.recording import record_findings
+from proxy_addons.recording import describe_refusal, record_findings
 from proxy_addons.sources import FetchState
 from proxy_addons.store import FindingStore, StateChange
 from rules.checks import (
@@ -231,11 +231,9 @@ class ModuleJudge:
         reason = "; ".join(f.detail for f in verdict.findings)
         if verdict.refused:
             logger.info(
-                "%s %s in %s: %s",
+                "%s %s",
                 "refused" if refuse else "would refuse (audit)",
-                event.get("event_id"),
-                event.get("room_id"),
-                reason,
+                describe_refusal(event, verdict.findings),
             )
         else:
             self.note(event)

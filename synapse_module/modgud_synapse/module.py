@@ -284,7 +284,16 @@ class ModgudModule:
             return
         for module_class, module_config in loaded:
             base_url = getattr(module_config, "get", lambda _k: None)("base_url")
-            if getattr(module_class, "__name__", "") == "HTTPAntispam" and hook is not None:
+            if getattr(module_class, "__name__", "") != "HTTPAntispam" or hook is None:
+                continue
+            if not self.config.enforcing:
+                logger.info(
+                    "modgud: in %s mode beside synapse-http-antispam (base_url %s): the hook "
+                    "decides, this module records what it would refuse (a trial)",
+                    self.config.mode.value,
+                    base_url,
+                )
+            else:
                 logger.warning(
                     "modgud: synapse-http-antispam (base_url %s) is configured besides the "
                     "modgud module, and modgud.yaml has a hook (%s): events are judged twice; "

@@ -340,6 +340,20 @@ def test_homeserver_judges_record_an_event_once(tmp_path):
     second.close()
 
 
+def test_a_judges_refusal_replaces_another_judges_flag(tmp_path):
+    """The module in audit beside the enforcing hook: the hook's `dropped` is what stays
+    (whichever is written first), and a later flag does not replace it."""
+    db = str(tmp_path / "m.db")
+    flagged = replace(record(1.0), event_id="$a", endpoint="module", action="flagged")
+    dropped = replace(record(1.0), event_id="$a", endpoint="hook", action="dropped")
+    store = FindingStore(db, flush_interval=0.02)
+    for batch in ([flagged], [dropped], [flagged]):
+        store.record(batch)
+        assert store.flush(5)
+    assert [(f["endpoint"], f["action"]) for f in query_findings([db])] == [("hook", "dropped")]
+    store.close()
+
+
 def test_lazy_writer_starts_with_the_first_record_and_after_a_fork(tmp_path):
     """start=False: no thread until something is recorded (a process that forks after
     building the store keeps a working writer); what is recorded is written."""
