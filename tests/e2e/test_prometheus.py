@@ -1,8 +1,10 @@
-"""A real Prometheus (Debian's package) scrapes a live modgud while scenario traffic runs
-through it (hs1 behind modgud, its own federation through the outbound listener); every
+"""A real Prometheus (Debian's package) scrapes a live modgud and hs1's own metrics
+listener (where modgud's Synapse module serves its figures) while scenario traffic runs
+through them (hs1 behind modgud, its own federation through the outbound listener); every
 query of every dashboard panel is evaluated through Prometheus's HTTP API and must return
 data, except the two panels named below that only faults fill (the test topology lists the
-leaky server in metrics.servers, so the per-server panels have data too). The alert rules pass `promtool check rules` and their unit tests."""
+leaky server in metrics.servers, so the per-server panels have data too). The alert rules
+pass `promtool check rules` and their unit tests."""
 
 from __future__ import annotations
 
@@ -71,7 +73,9 @@ def substitute(expr: str, instance: str) -> str:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, synapse: str) -> None:
+        """Scrapes modgud (`target`) and Synapse's metrics listener (`synapse`), where
+        modgud's Synapse module serves its figures."""
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
@@ -80,6 +84,7 @@ class Prometheus:
             f"rule_files: ['{RULES}']\n"
             "scrape_configs:\n"
             f"  - job_name: modgud\n    static_configs: [{{targets: ['{target}']}}]\n"
+            f"  - job_name: synapse\n    static_configs: [{{targets: ['{synapse}']}}]\n"
         )
         self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -118,7 +123,8 @@ def scraped(outbound_topology, tmp_path_factory):
     traffic, an outbound refusal and a pending knock went through it."""
     topo = outbound_topology
     target = f"127.0.0.1:{topo.metrics_port}"
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), target)
+    synapse = f"127.0.0.1:{topo.hs1.metrics_port}"
+    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), target, synapse)
     try:
         by_name = {s.name: s for s in SCENARIOS}
         for name in SCENARIO_NAMES:
@@ -134,7 +140,7 @@ def scraped(outbound_topology, tmp_path_factory):
         topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-metrics", ban)
         time.sleep(1.5)
         topo.alice.send_message(room_id, "kept back")  # leak.outbound
-        topo.alice.invite(room_id, topo.users["bob"])  # the hook's user_may_invite
+        topo.alice.invite(room_id, topo.users["bob"])  # the module's user_may_invite
         for server, localpart in ((topo.outcast, "scraped"), (topo.spammer, "spam")):
             # participation.origin, then policy.origin (the ban is read within seconds)
             def posted(server=server, localpart=localpart):
@@ -159,16 +165,19 @@ def scraped(outbound_topology, tmp_path_factory):
                 break
             time.sleep(1)
         time.sleep(3)  # a few more scrapes, so rate() over them has two points
-        yield prometheus, target
+        yield prometheus, target, synapse
     finally:
         prometheus.stop()
 
 
 def test_every_dashboard_panel_returns_data(scraped):
-    prometheus, instance = scraped
-    assert prometheus.query(f'up{{job="modgud",instance="{instance}"}} == 1')
+    """With $instance = modgud and hs1's Synapse (both, as an operator picks "All")."""
+    prometheus, modgud, synapse = scraped
+    assert prometheus.query(f'up{{job="modgud",instance="{modgud}"}} == 1')
+    assert prometheus.query(f'up{{job="synapse",instance="{synapse}"}} == 1')
     values = prometheus.api("label/instance/values", **{"match[]": "modgud_build_info"})
-    assert instance in values["data"]  # the $instance variable's query
+    assert {modgud, synapse} <= set(values["data"])  # the $instance variable's query
+    instance = f"{modgud}|{synapse}"
     empty, checked = [], 0
     for name, dashboard in dashboards().items():
         for panel in panels(dashboard):
@@ -185,7 +194,7 @@ def test_every_dashboard_panel_returns_data(scraped):
 
 def test_panels_that_should_show_traffic_show_it(scraped):
     """Spot checks that the numbers mean what the panels say."""
-    prometheus, instance = scraped
+    prometheus, instance, synapse = scraped
     sel = f'instance="{instance}"'
     kinds = {
         r["metric"]["kind"]
@@ -199,6 +208,21 @@ def test_panels_that_should_show_traffic_show_it(scraped):
         for r in prometheus.query(f"sum by (direction) (modgud_transaction_seconds_count{{{sel}}})")
     }
     assert directions == {"inbound", "outbound"}
+    # The module, on Synapse's listener: its refusals (the relayed leak), its build, and
+    # its time per event from its own histogram.
+    module = f'instance="{synapse}"'
+    refused = prometheus.query(
+        f'sum(modgud_module_calls_total{{{module},callback="check_event_for_spam",'
+        'answer="refuse",decided_by="module"})'
+    )
+    assert refused and float(refused[0]["value"][1]) >= 1, refused
+    (build,) = prometheus.query(f"modgud_build_info{{{module}}}")
+    assert build["metric"]["mitmproxy"] == "none" and build["metric"]["mode"] == "enforce"
+    (p99,) = prometheus.query(
+        "histogram_quantile(0.99, sum by (le) "
+        f'(modgud_module_seconds_bucket{{{module},callback="check_event_for_spam"}}))'
+    )
+    assert 0 < float(p99["value"][1]) < 1.0, p99
 
 
 def test_alert_rules_and_the_compose_prometheus_config_are_valid():

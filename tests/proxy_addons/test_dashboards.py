@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy_addons.metrics import ModuleMetrics
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -33,8 +35,10 @@ def _exprs(dashboard):
 
 
 def _exported(make_runtime) -> set[str]:
+    """What modgud exports, and its Synapse module (on Synapse's registry) besides."""
     holder = make_runtime(extra="metrics: {servers: [relay.test]}\n")
     text = generate_latest(holder.runtime.metrics.registry).decode()
+    text += generate_latest(ModuleMetrics(CollectorRegistry()).registry).decode()
     names = set()
     for family in text_string_to_metric_families(text):
         names.add(family.name)
