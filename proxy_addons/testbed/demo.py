@@ -102,7 +102,7 @@ def run(workdir: Path) -> int:
     failures = 0
     with Topology(workdir, mode="enforce", outbound=True) as topo:
         say(
-            f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with the event hook;"
+            f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with modgud's module;"
             " its own federation goes out through modgud too (https_proxy)"
         )
         say(f"  hs2      {topo.hs2.server_name:<22} Synapse, direct")
@@ -134,7 +134,15 @@ def run(workdir: Path) -> int:
 
         say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, among them:")
         for line in topo.metrics_text().splitlines():
-            if line.startswith(("modgud_findings_total", "modgud_hook_calls_total")):
+            if line.startswith("modgud_findings_total"):
+                say(f"   {line}")
+        assert topo.hs1.metrics_port is not None
+        say(
+            "and the module's, by hs1's own metrics listener at "
+            f"http://127.0.0.1:{topo.hs1.metrics_port}/_synapse/metrics:"
+        )
+        for line in topo.hs1.metrics_text().splitlines():
+            if line.startswith("modgud_module_calls_total"):
                 say(f"   {line}")
         say(f"\nAll findings: modgud findings --db {topo.database}")
     say(f"Everything stopped. The demo took {time.monotonic() - started:.0f} s.")

@@ -80,11 +80,38 @@ def test_acl_denied_server_is_refused_and_recorded(enforce_topology, version):
     assert "after the ACL" not in bodies(topo.alice, room_id)
 
 
+@pytest.fixture(params=["module", "hook"])
+def judged_inside(request):
+    """Enforce mode with modgud's Synapse module, and with the HTTP hook, inside hs1."""
+    return request.getfixturevalue(
+        "enforce_topology" if request.param == "module" else "hook_topology"
+    )
+
+
+def judged_by_inside(topo, callback="check_event_for_spam"):
+    """The refusals counted by what judges inside hs1: the module's calls on hs1's own
+    metrics listener (decided by itself), or the hook's on modgud's (decided by what the
+    edge told it)."""
+    if topo.inside == "module":
+        metric = "modgud_module_calls_total"
+        text, decided_by = topo.hs1.metrics_text(), "module"
+    else:
+        metric = "modgud_hook_calls_total"
+        text, decided_by = topo.metrics_text(), "edge"
+    labels = f'{{answer="refuse",callback="{callback}",decided_by="{decided_by}"}}'
+    for line in text.splitlines():
+        if line.startswith(metric + labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_relayed_event_of_denied_server_is_hidden_by_the_hook(enforce_topology, version):
+def test_relayed_event_of_denied_server_is_hidden_inside_the_homeserver(judged_inside, version):
     """hs3 (allowed) relays an event written by hs2 (denied) next to an allowed EDU: the
-    transaction is forwarded untouched, and the event hook makes Synapse drop the event."""
-    topo = enforce_topology
+    transaction is forwarded untouched, and the module (or the event hook) makes Synapse
+    drop the event; the edge's finding blames the relay."""
+    topo = judged_inside
+    refused_before = judged_by_inside(topo)
     room_id = shared_room(topo, version, with_carol=True)
     deny_hs2(topo, room_id)
     body = f"leak v{version}"
@@ -103,11 +130,7 @@ def test_relayed_event_of_denied_server_is_hidden_by_the_hook(enforce_topology, 
     assert finding["confidence"] == "high"  # hs2's signature verified: hs2 really wrote it
     time.sleep(2)
     assert body not in bodies(topo.alice, room_id)
-    metrics = topo.metrics_text()
-    assert (
-        'modgud_hook_calls_total{answer="refuse",callback="check_event_for_spam",decided_by="edge"}'
-        in metrics
-    )
+    assert judged_by_inside(topo) > refused_before
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -47,6 +47,9 @@ def test_knock_queue_approve_then_join_and_post(enforce_topology):
     assert approved.returncode == 0, approved.stderr
     state = topo.alice.get_state(room_id, "m.server.participation", topo.unknown.name)
     assert state == {"participation": "permitted", "reason": "welcome"}
+    # The module notes the approval as Synapse takes it; the edge reads the change within
+    # 0.5 s (ChangeFollower) and the room's state again: a join before that is refused.
+    time.sleep(1.5)
 
     def joins() -> bool:
         try:
