@@ -226,13 +226,17 @@ def test_installing_the_module_adds_only_itself_and_msgspec(tmp_path):
     assert check.returncode == 0, check.stdout  # Synapse needs neither
     # The README's command, run from the checkout (as `python -m pip`: the copy's own
     # bin/pip still names the original virtualenv's interpreter).
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "./synapse_module"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )
+    try:
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "./synapse_module"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
+    finally:  # setuptools builds in the checkout: leave no stale build behind (as make does)
+        for leftover in ("build", "modgud_synapse.egg-info"):
+            shutil.rmtree(REPO / "synapse_module" / leftover, ignore_errors=True)
     assert install.returncode == 0, install.stderr
     after = _freeze(python)
     added = sorted(set(after) - set(before))
