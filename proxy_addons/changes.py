@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy_addons.leaks import AUTHOR_REFUSED
 from proxy_addons.runtime import Runtime
-from proxy_addons.store import judged_refusals_after, latest_ids, state_changes_after
+from proxy_addons.store import latest_ids, news_after
 
 __all__ = ["FOLLOW_SECONDS", "ChangeFollower"]
 
@@ -46,10 +46,8 @@ class ChangeFollower:
 
     def read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """What was recorded since the last poll: state changes and refusals."""
-        path = self.runtime.config.database
-        return (
-            state_changes_after(path, self.last_change),
-            judged_refusals_after(path, self.last_finding, self._rules),
+        return news_after(
+            self.runtime.config.database, self.last_change, self.last_finding, self._rules
         )
 
     def apply(self, changes: list[tuple[Any, ...]], refusals: list[tuple[Any, ...]]) -> None:

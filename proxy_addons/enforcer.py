@@ -425,9 +425,9 @@ class Enforcer:
                 # for the same event from a permitted server (else a refused server could
                 # get any event refused by delivering it first). The hook judges it itself.
                 continue
-            reason = "; ".join(f.detail for f in item.findings) or "allowed"
             runtime.verdicts.put(
-                item.event_id, EdgeVerdict(item.decision, reason, origin, item.findings)
+                item.event_id,
+                EdgeVerdict(item.decision, item.reason or "allowed", origin, item.findings),
             )
 
         def action_of(item: ItemVerdict) -> str:

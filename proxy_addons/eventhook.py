@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy_addons.recording import describe_refusal, record_findings
+from proxy_addons.recording import describe_refusal, record_verdict
 from proxy_addons.runtime import Runtime, RuntimeHolder
 from rules.checks import (
     ItemVerdict,
@@ -195,12 +195,8 @@ async def evaluate_event(runtime: Runtime, event: dict[str, object]) -> tuple[we
         _log_refusal(config.enforcing, event, verdict.findings, "the hook")
     if verdict.findings:
         runtime.refused.add_findings(verdict.findings)
-        refuse = verdict.refused and config.enforcing
-        record_findings(
-            runtime, verdict.findings, action="dropped" if refuse else "flagged", endpoint="hook"
-        )
-    if verdict.refused and config.enforcing:
-        return _refuse("; ".join(f.detail for f in verdict.findings)), "hook"
+    if record_verdict(runtime, verdict, enforcing=config.enforcing, endpoint="hook"):
+        return _refuse(verdict.reason), "hook"
     return _allow(), "hook"
 
 
@@ -231,13 +227,8 @@ async def decide_invite(runtime: Runtime, inviter: str, invitee: str, room_id: s
         check_invite(inviter, invitee, room, room_id, fail_open=config.fail_open, policy=policy),
         policy,
     )
-    refuse = verdict.refused and config.enforcing
-    if verdict.findings:
-        record_findings(
-            runtime, verdict.findings, action="dropped" if refuse else "flagged", endpoint="hook"
-        )
-    if refuse:
-        return _refuse("; ".join(f.detail for f in verdict.findings))
+    if record_verdict(runtime, verdict, enforcing=config.enforcing, endpoint="hook"):
+        return _refuse(verdict.reason)
     return _allow()
 
 

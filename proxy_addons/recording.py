@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import Counter
@@ -15,7 +15,7 @@ from proxy_addons.store import FindingRecord, Record
 from rules.checks import ItemVerdict
 from rules.findings import Finding
 
-__all__ = ["Recorder", "count_items", "describe_refusal", "record_findings"]
+__all__ = ["Recorder", "count_items", "describe_refusal", "record_findings", "record_verdict"]
 
 
 class _Store(Protocol):
@@ -97,11 +97,24 @@ def count_items(
         counter.labels(direction, action, rule).inc(n)
 
 
-def describe_refusal(event: object, findings: Iterable[Finding]) -> str:
+def record_verdict(
+    recorder: Recorder, verdict: ItemVerdict, *, enforcing: bool, endpoint: str
+) -> bool:
+    """The effect of a homeserver judge's verdict (the hook's, the module's) on one event
+    or invite: its findings recorded, `dropped` when refused in enforce mode, `flagged`
+    otherwise. Returns whether the homeserver is to refuse it."""
+    refuse = verdict.refused and enforcing
+    if verdict.findings:
+        record_findings(
+            recorder, verdict.findings, action="dropped" if refuse else "flagged", endpoint=endpoint
+        )
+    return refuse
+
+
+def describe_refusal(event: Mapping[str, object], findings: Iterable[Finding]) -> str:
     """A judge's refusal of an event for its log, the same from every judge:
     `$event in !room [rule,…]: detail; …` (the hook's and the module's can be compared)."""
-    get = event.get if isinstance(event, dict) else (lambda _key: None)
     found = list(findings)
     rules = ",".join(sorted({f.rule for f in found}))
     details = "; ".join(f.detail for f in found)
-    return f"{get('event_id')} in {get('room_id')} [{rules}]: {details}"
+    return f"{event.get('event_id')} in {event.get('room_id')} [{rules}]: {details}"

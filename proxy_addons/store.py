@@ -144,7 +144,8 @@ KNOCK_COLUMNS = (
 
 # Endpoints whose findings are judged inside the homeserver, without knowing who delivered
 # the event: the edge's finding for the same event and rule supersedes theirs.
-IN_HOMESERVER_ENDPOINTS = ("hook", "module")  # as spelled in DELETE_SUPERSEDED
+IN_HOMESERVER_ENDPOINTS = ("hook", "module")
+_JUDGES = ", ".join(f"'{e}'" for e in IN_HOMESERVER_ENDPOINTS)  # for the SQL below
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS findings (id INTEGER PRIMARY KEY, ts FLOAT, rule TEXT, "
@@ -180,13 +181,13 @@ INSERT_FINDING_ONCE = (
 )
 # The edge's finding replaces one the hook or the module recorded for the same event and rule.
 DELETE_SUPERSEDED = (
-    "DELETE FROM findings WHERE event_id = ? AND rule = ? AND endpoint IN ('hook', 'module')"
+    f"DELETE FROM findings WHERE event_id = ? AND rule = ? AND endpoint IN ({_JUDGES})"  # noqa: S608 - fixed names
 )
 # A judge that refused an event replaces another judge's flag for it (the module in audit
 # beside the enforcing hook, while an operator trials it): the row says what was done.
 DELETE_JUDGED_FLAG = (
-    "DELETE FROM findings WHERE event_id = ? AND rule = ? AND action = 'flagged' "
-    "AND endpoint IN ('hook', 'module')"
+    "DELETE FROM findings WHERE event_id = ? AND rule = ? AND action = 'flagged' "  # noqa: S608 - fixed names
+    f"AND endpoint IN ({_JUDGES})"
 )
 UPSERT_KNOCK = (
     "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
@@ -580,34 +581,27 @@ def latest_ids(path: str) -> tuple[int, int]:
     return int(change), int(finding)
 
 
-def state_changes_after(path: str, last_id: int, limit: int = 10_000) -> list[tuple[Any, ...]]:
-    """State changes recorded after row `last_id`: (id, room_id, event_type, state_key)."""
-    conn = _read_only(path)
-    try:
-        return conn.execute(
-            "SELECT id, room_id, event_type, state_key FROM state_changes WHERE id > ? "
-            "ORDER BY id LIMIT ?",
-            (last_id, limit),
-        ).fetchall()
-    finally:
-        conn.close()
-
-
-def judged_refusals_after(
-    path: str, last_id: int, rules: Iterable[str], limit: int = 10_000
-) -> list[tuple[Any, ...]]:
-    """Findings the homeserver's judges (hook, module) recorded after row `last_id` with
-    one of `rules` and an event ID: (id, room_id, event_id, sender_server)."""
+def news_after(
+    path: str, last_change: int, last_finding: int, rules: Iterable[str], limit: int = 10_000
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """What was recorded after the given rows, in one read: state changes (id, room_id,
+    event_type, state_key), and the findings the homeserver's judges (hook, module)
+    recorded with one of `rules` and an event ID (id, room_id, event_id, sender_server)."""
     wanted = list(rules)
     marks = ", ".join("?" for _ in wanted)
-    sql = (
+    refusals = (
         "SELECT id, room_id, event_id, sender_server FROM findings "  # noqa: S608 - marks only
-        f"WHERE id > ? AND endpoint IN ('hook', 'module') AND rule IN ({marks}) "
+        f"WHERE id > ? AND endpoint IN ({_JUDGES}) AND rule IN ({marks}) "
         "AND event_id IS NOT NULL AND room_id IS NOT NULL AND sender_server IS NOT NULL "
         "ORDER BY id LIMIT ?"
     )
     conn = _read_only(path)
     try:
-        return conn.execute(sql, (last_id, *wanted, limit)).fetchall()
+        changes = conn.execute(
+            "SELECT id, room_id, event_type, state_key FROM state_changes WHERE id > ? "
+            "ORDER BY id LIMIT ?",
+            (last_change, limit),
+        ).fetchall()
+        return changes, conn.execute(refusals, (last_finding, *wanted, limit)).fetchall()
     finally:
         conn.close()

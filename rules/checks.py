@@ -80,6 +80,11 @@ class ItemVerdict(NamedTuple):
     def refused(self) -> bool:
         return self.decision is Decision.REFUSE
 
+    @property
+    def reason(self) -> str:
+        """The findings' details, as the refused party (and the log) is told them."""
+        return "; ".join(f.detail for f in self.findings)
+
 
 @dataclass(frozen=True, slots=True)
 class TransactionVerdict:

@@ -161,6 +161,10 @@ class Topology:
     def module_loaded(self) -> bool:
         return self.inside in ("module", "both")
 
+    @property
+    def hook_used(self) -> bool:
+        return self.inside in ("hook", "both")
+
     def start(self) -> Topology:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.peer.start()
@@ -225,7 +229,7 @@ class Topology:
         )
         hook = (
             [f"hook: {{listen: '127.0.0.1:{self.hook_port}', token_file: hook.token}}"]
-            if self.inside in ("hook", "both")
+            if self.hook_used
             else []
         )
         self.config_path.write_text(
@@ -273,7 +277,7 @@ class Topology:
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
         )
-        hook_up = self.inside == "module" or _wait_port(self.hook_port, 30)
+        hook_up = not self.hook_used or _wait_port(self.hook_port, 30)
         if not (hook_up and _wait_port(self.modgud_port, 30)):
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from proxy_addons.config import Config
 from proxy_addons.metrics import ModuleMetrics
 from proxy_addons.operatorpolicy import OperatorPolicySource
-from proxy_addons.recording import describe_refusal, record_findings
+from proxy_addons.recording import describe_refusal, record_verdict
 from proxy_addons.sources import FetchState
 from proxy_addons.store import FindingStore, StateChange
 from rules.checks import (
@@ -31,6 +31,7 @@ from rules.checks import (
 )
 from rules.policy import SERVER_RULE_TYPES, USER_RULE_TYPES
 from rules.roomstate import PARTICIPATION_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
+from rules.servername import server_of_user
 
 __all__ = [
     "POLICY_STATE_FILTER",
@@ -196,7 +197,7 @@ class ModuleJudge:
         metrics.store_queue.set_function(lambda: store.pending)
 
     def is_local(self, sender: object) -> bool:
-        return isinstance(sender, str) and sender.partition(":")[2] == self.config.server_name
+        return server_of_user(sender) == self.config.server_name
 
     def decide(
         self,
@@ -221,14 +222,13 @@ class ModuleJudge:
         if isinstance(room, StateUnavailable) and not verdict.refused:
             self.metrics.fail_open.labels("state").inc()
             logger.warning("no room state for %s, event passed unchecked", event.get("room_id"))
-        refuse = verdict.refused and config.enforcing
-        if verdict.findings:
-            if all(f.rule.startswith("malformed") for f in verdict.findings) and not refuse:
-                decided_by = "malformed"
-            record_findings(
-                self, verdict.findings, action="dropped" if refuse else "flagged", endpoint="module"
-            )
-        reason = "; ".join(f.detail for f in verdict.findings)
+        refuse = record_verdict(self, verdict, enforcing=config.enforcing, endpoint="module")
+        if (
+            verdict.findings
+            and not refuse
+            and all(f.rule.startswith("malformed") for f in verdict.findings)
+        ):
+            decided_by = "malformed"
         if verdict.refused:
             logger.info(
                 "%s %s",
@@ -237,7 +237,7 @@ class ModuleJudge:
             )
         else:
             self.note(event)
-        return Answer(refuse, reason or "refused", decided_by, verdict)
+        return Answer(refuse, verdict.reason or "refused", decided_by, verdict)
 
     def allow_local(self, event: Mapping[str, object]) -> Answer:
         """A local user's event: allowed at once, and noted (a moderator's ACL, say)."""
@@ -295,10 +295,5 @@ class ModuleJudge:
             ),
             policy,
         )
-        refuse = verdict.refused and self.config.enforcing
-        if verdict.findings:
-            record_findings(
-                self, verdict.findings, action="dropped" if refuse else "flagged", endpoint="module"
-            )
-        reason = "; ".join(f.detail for f in verdict.findings) or "refused"
-        return Answer(refuse, reason, "module", verdict)
+        refuse = record_verdict(self, verdict, enforcing=self.config.enforcing, endpoint="module")
+        return Answer(refuse, verdict.reason or "refused", "module", verdict)

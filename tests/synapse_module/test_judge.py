@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy_addons.config import load_config
 from proxy_addons.metrics import ModuleMetrics
-from proxy_addons.store import FindingStore, query_findings, state_changes_after
+from proxy_addons.store import FindingStore, news_after, query_findings
 from rules.checks import UNAVAILABLE
 from rules.roomstate import RELEVANT_STATE_TYPES, room_policy_from_state
 
@@ -243,7 +243,7 @@ def test_local_events_are_allowed_and_their_state_changes_are_news_for_the_edge(
     )
     judge.decide(message("@x:good.test"), state(), pdu_bytes=100)
     assert judge.store.flush(5)
-    changes = state_changes_after(judge.config.database, 0)
+    changes, _ = news_after(judge.config.database, 0, 0, ["acl.sender"])
     assert [(room, kind, key) for _, room, kind, key in changes] == [
         (ROOM, "m.room.server_acl", ""),
         (ROOM, "m.room.member", "@mod:hs.test"),
