@@ -26,48 +26,38 @@ from rules.policy import CHECKS
 
 __all__ = ["main"]
 
-ENTRYPOINT = Path(__file__).with_name("entrypoint.py")
 
-
-def mitmdump_args(config: Config, certs_file: str | None) -> list[str]:
-    """The mitmdump command line that runs modgud for `config`."""
+def proxy_settings(config: Config, certs_file: str | None) -> list[str]:
+    """The mitmproxy option settings (`KEY=VALUE`) that run modgud for `config`."""
     host = config.inbound.host
     listen = f"[{host}]" if ":" in host else host
-    args = [
-        "--mode",
-        f"reverse:{config.upstream}@{listen}:{config.inbound.port}",
-        "-s",
-        str(ENTRYPOINT),
-        "--set",
+    settings = [
+        f"mode=reverse:{config.upstream}@{listen}:{config.inbound.port}",
         f"modgud_config={config.path}",
-        "--set",
-        "flow_detail=0",
         # Lazy: the homeserver is connected to when a request is to be forwarded, not when
         # a client connects. A request modgud answers itself never opens a connection, and
         # with the homeserver down the sender gets a 502 it retries, not a torn-down TLS.
-        "--set",
         "connection_strategy=lazy",
     ]
     if certs_file:
-        args += ["--certs", f"*={certs_file}"]
+        settings.append(f"certs=*={certs_file}")
     if config.outbound is not None:
-        args += _outbound_args(config, config.outbound)
-    return args
+        settings += _outbound_settings(config, config.outbound)
+    return settings
 
 
-def _outbound_args(config: Config, listen: Listen) -> list[str]:
+def _outbound_settings(config: Config, listen: Listen) -> list[str]:
     """The homeserver's https_proxy: it sends CONNECT, then TLS that modgud terminates with
     a certificate from its own CA (the homeserver trusts it via federation_custom_ca_list).
     Connections are lazy (set for every mode): a request is seen before any connection to
     the remote server is opened, so a refused one never reaches it."""
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
-    args = ["--mode", f"regular@{host}:{listen.port}"]
-    args += ["--set", f"confdir={config.outbound_ca_dir}"]
+    settings = [f"mode=regular@{host}:{listen.port}", f"confdir={config.outbound_ca_dir}"]
     if not config.outbound_verify_tls:
-        args += ["--set", "ssl_insecure=true"]
+        settings.append("ssl_insecure=true")
     elif config.outbound_ca_file:
-        args += ["--set", f"ssl_verify_upstream_trusted_ca={config.outbound_ca_file}"]
-    return args
+        settings.append(f"ssl_verify_upstream_trusted_ca={config.outbound_ca_file}")
+    return settings
 
 
 def _combined_certs(config: Config) -> str | None:
@@ -84,11 +74,16 @@ def _combined_certs(config: Config) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    from mitmproxy.tools.main import mitmdump
+    from proxy_addons.addonset import modgud_addons
+    from proxy_addons.master import MasterError, parse_extra_args, run_master
 
     certs = _combined_certs(config)
     try:
-        mitmdump(mitmdump_args(config, certs) + list(args.mitmproxy_args))
+        extra, quiet = parse_extra_args(args.mitmproxy_args)
+        run_master(modgud_addons, proxy_settings(config, certs) + extra, quiet)
+    except MasterError as e:
+        print(f"modgud run: {e}", file=sys.stderr)
+        return 2
     finally:
         if certs:
             os.unlink(certs)
@@ -467,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", "-c", required=True, help="modgud.yaml")
     run.add_argument(
-        "mitmproxy_args", nargs=argparse.REMAINDER, help="extra mitmdump arguments after --"
+        "mitmproxy_args",
+        nargs=argparse.REMAINDER,
+        help="after --: --set KEY=VALUE, -s SCRIPT, -w FILE, -q (mitmproxy options)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -13,7 +13,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 from signedjson.key import generate_signing_key, get_verify_key, write_signing_keys
 
-from proxy_addons.cli import main, mitmdump_args
+from proxy_addons.cli import main, proxy_settings
 from proxy_addons.config import ConfigError, load_config
 from proxy_addons.enforcer import Enforcer
 from proxy_addons.outbound import OutboundWatcher
@@ -262,17 +262,17 @@ def test_outbound_config_and_command_line(tmp_path):
         base + OUTBOUND + "outbound: {ca_dir: myca, verify_tls: false}\n"
     )
     config = load_config(tmp_path / "ok.yaml")
-    args = mitmdump_args(config, None)
-    assert args[args.index("regular@127.0.0.1:8449") - 1] == "--mode"
+    args = proxy_settings(config, None)
+    assert "mode=regular@127.0.0.1:8449" in args
     for option in ("connection_strategy=lazy", f"confdir={tmp_path / 'myca'}", "ssl_insecure=true"):
         assert option in args
     (tmp_path / "bundle.pem").write_text("")
     (tmp_path / "ca.yaml").write_text(base + OUTBOUND + "outbound: {ca_file: bundle.pem}\n")
-    args = mitmdump_args(load_config(tmp_path / "ca.yaml"), None)
+    args = proxy_settings(load_config(tmp_path / "ca.yaml"), None)
     assert f"ssl_verify_upstream_trusted_ca={tmp_path / 'bundle.pem'}" in args
     assert "ssl_insecure=true" not in args
     (tmp_path / "off.yaml").write_text(base)
-    assert not any("regular" in a for a in mitmdump_args(load_config(tmp_path / "off.yaml"), None))
+    assert not any("regular" in a for a in proxy_settings(load_config(tmp_path / "off.yaml"), None))
 
 
 @pytest.mark.parametrize(
