@@ -7,7 +7,7 @@ import gc
 import canonicaljson
 import msgspec
 
-__all__ = ["MAX_DEPTH", "check_canonical_json", "encode_canonical_json"]
+__all__ = ["MAX_DEPTH", "canonical_json_size", "check_canonical_json", "encode_canonical_json"]
 
 MAX_SAFE_INTEGER = 2**53 - 1
 MAX_DEPTH = 100
@@ -96,6 +96,25 @@ def encode_canonical_json(value: object) -> bytes:
         except Exception:  # canonicaljson decides what msgspec refuses
             pass
     return canonicaljson.encode_canonical_json(value)
+
+
+def canonical_json_size(value: object, *, exact_from: int) -> int:
+    """The length of `value`'s canonical JSON, exact from `exact_from` bytes on.
+
+    Below that, the length of msgspec's sorted encoding without the per-object type check
+    (a third of the cost for a small event): it differs from canonical JSON's only for
+    values outside plain JSON data (floats, subclasses), and only by their spelling, so
+    a value it puts well below a limit is below it. Near or over `exact_from`, or when
+    msgspec cannot encode the value, the exact length (encode_canonical_json's errors).
+    """
+    if _FAST_PATH:
+        try:
+            size = len(_ENCODER.encode(value))
+        except Exception:  # noqa: BLE001 - the exact path decides, and raises what it raises
+            size = exact_from
+        if size < exact_from:
+            return size
+    return len(encode_canonical_json(value))
 
 
 def check_canonical_json(value: object) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from rules.canonical import encode_canonical_json
+from rules.canonical import canonical_json_size
 from rules.eventhash import compute_event_id
 from rules.federation import MAX_PDU_BYTES, Edu, Pdu, Transaction, edu_rooms, edu_users
 from rules.findings import Confidence, Decision, Finding, Rule, Severity
@@ -858,11 +858,19 @@ def pdu_bytes(
     event: Mapping[str, object], *, without: tuple[str, ...] = ("unsigned",)
 ) -> int | None:
     """The size of `event` as canonical JSON, leaving out the fields `without` (a PDU's
-    size does not count `unsigned`); None when it is not encodable."""
+    size does not count `unsigned`); None when it is not encodable. Exact from a little
+    below MAX_PDU_BYTES on, where it decides; below, within a few bytes (canonical_json_size)."""
     try:
-        return len(encode_canonical_json({k: v for k, v in event.items() if k not in without}))
+        return canonical_json_size(
+            {k: v for k, v in event.items() if k not in without},
+            exact_from=MAX_PDU_BYTES - _SIZE_MARGIN,
+        )
     except (ValueError, TypeError, RecursionError):
         return None
+
+
+# Room for the spelling differences canonical_json_size allows below its exact range.
+_SIZE_MARGIN = 4096
 
 
 def check_invite(

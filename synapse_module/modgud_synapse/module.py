@@ -170,7 +170,10 @@ class ModgudModule:
             if self.judge.is_local(pdu.get("sender")):
                 answer = self.judge.allow_local(pdu)
             else:
-                room = await self._room(event.room_id)
+                # A cached room without a coroutine's round: most events.
+                room: RoomPolicy | None | StateUnavailable = self.judge.rooms.get(event.room_id)
+                if room is None:
+                    room = await self._room(event.room_id)
                 if isinstance(room, RoomPolicy) and event.type == "m.room.member":
                     room = await self._with_authoriser(room, pdu)
                 answer = self.judge.decide(pdu, room, pdu_bytes=size)
@@ -265,8 +268,12 @@ class ModgudModule:
         try:
             decided_by = answer.decided_by if answer is not None else "error"
             refused = answer is not None and answer.refuse
-            self.metrics.calls.labels(callback, "refuse" if refused else "allow", decided_by).inc()
-            self.metrics.seconds.labels(callback).observe(time.perf_counter() - started)
+            self.metrics.count_call(
+                callback,
+                "refuse" if refused else "allow",
+                decided_by,
+                time.perf_counter() - started,
+            )
         except Exception:  # noqa: BLE001 - counting must not turn an answer into an error
             logger.exception("modgud: counting a callback failed")
 

@@ -187,3 +187,24 @@ def test_readme_catalogue_names_exactly_what_modgud_exports(make_runtime):
     }
     exported = {re.sub(r"_info$", "", n) for n in exported}
     assert documented == exported, (documented - exported, exported - documented)
+
+
+def test_the_modules_calls_are_counted_and_timed_by_their_labels():
+    """count_call binds each label set once and keeps counting into it."""
+    registry = CollectorRegistry()
+    metrics = ModuleMetrics(registry)
+    for seconds in (0.00004, 0.00006, 0.3):
+        metrics.count_call("check_event_for_spam", "allow", "module", seconds)
+    metrics.count_call("check_event_for_spam", "refuse", "module", 0.00002)
+    metrics.count_call("user_may_invite", "allow", "local", 0.00001)
+
+    def calls(*labels: str) -> float | None:
+        keys = dict(zip(("callback", "answer", "decided_by"), labels, strict=True))
+        return registry.get_sample_value("modgud_module_calls_total", keys)
+
+    assert calls("check_event_for_spam", "allow", "module") == 3
+    assert calls("check_event_for_spam", "refuse", "module") == 1
+    assert calls("user_may_invite", "allow", "local") == 1
+    timed = {"callback": "check_event_for_spam"}
+    assert registry.get_sample_value("modgud_module_seconds_count", timed) == 4
+    assert registry.get_sample_value("modgud_module_seconds_bucket", {**timed, "le": "0.0001"}) == 3

@@ -96,6 +96,29 @@ def test_same_bytes_or_same_error_as_canonicaljson(value):
     assert ours(value) == reference(value)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(JSON_SHAPED, EVENT_SHAPED))
+def test_the_size_is_exact_from_the_threshold_on(value):
+    """canonical_json_size at or over `exact_from` is the canonical encoding's length, or
+    the same error."""
+    expected = reference(value)
+    try:
+        size = canonical.canonical_json_size(value, exact_from=0)
+    except Exception as e:
+        assert isinstance(expected, type) and issubclass(type(e), expected)
+    else:
+        assert size == len(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENT_SHAPED)
+def test_the_size_of_plain_values_is_exact_below_the_threshold_too(value):
+    """Events hold plain JSON data: msgspec's length is canonical JSON's."""
+    expected = reference(value)
+    if isinstance(expected, bytes):
+        assert canonical.canonical_json_size(value, exact_from=10**9) == len(expected)
+
+
 @settings(max_examples=100, deadline=None)
 @given(EVENT_SHAPED)
 def test_plain_values_take_the_fast_path(value):

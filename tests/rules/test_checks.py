@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rules.acl import ServerAcl
+from rules.canonical import encode_canonical_json
 from rules.checks import (
     UNAVAILABLE,
     check_edu,
@@ -301,7 +302,21 @@ def test_an_event_over_the_pdu_limit_is_refused_by_the_judges(sender, size, deci
 def test_pdu_bytes_counts_canonical_json_without_unsigned():
     event = {"b": 1, "a": "é", "unsigned": {"age": 5}}
     assert pdu_bytes(event) == len('{"a":"é","b":1}'.encode())
-    assert pdu_bytes({"x": float("nan")}) is None
+    assert pdu_bytes({"x": object()}) is None
+
+
+def test_pdu_bytes_is_exact_around_the_limit():
+    """Near MAX_PDU_BYTES the size decides a refusal: it is canonical JSON's, byte for byte
+    (a float is spelt alike by both encoders only by chance, so it shows the exact path)."""
+    for body in (MAX_PDU_BYTES - 60, MAX_PDU_BYTES - 5000, MAX_PDU_BYTES + 10):
+        event = {"type": "m.room.message", "content": {"body": "é" * (body // 2), "f": 1e16}}
+        exact = len(encode_canonical_json(event))
+        size = pdu_bytes(event)
+        assert size is not None
+        if exact > MAX_PDU_BYTES - 4096:
+            assert size == exact
+        else:
+            assert abs(size - exact) < 4
 
 
 def test_an_oversized_pdu_is_refused_at_the_edge_by_its_event_id():
