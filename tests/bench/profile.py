@@ -30,7 +30,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # its own thread, and what it hands to the main loop (rooms to fetch, findings)
     ("modgud event hook", ("EventHook._serve (", "evaluate_event (", "decide_invite (")),
     ("modgud SQLite writer (its thread)", ("FindingStore._run (",)),
-    ("mitmproxy: addon hooks and their dispatch", ("AddonManager.",)),
+    ("mitmproxy: addon hooks and their dispatch", ("AddonManager.", "HandlerCache.")),
     ("mitmproxy: HTTP, connections, event loop", ("",)),
 )
 
@@ -68,10 +68,10 @@ def breakdown(raw: str, transactions: int, rate: int) -> dict[str, float]:
     }
 
 
-def format_breakdown(columns: dict[str, dict[str, float]]) -> str:
+def format_breakdown(columns: dict[str, dict[str, float]], per: str = "transaction") -> str:
     """A table: one row per part, one column per proxy, ms of CPU per transaction."""
     kinds = list(columns)
-    lines = [f"{'CPU per transaction, ms (py-spy)':<54}" + "".join(f"{k:>12}" for k in kinds)]
+    lines = [f"{f'CPU per {per}, ms (py-spy)':<54}" + "".join(f"{k:>12}" for k in kinds)]
     for part, _ in PARTS:
         if any(part in columns[k] for k in kinds):
             values = "".join(f"{columns[k].get(part, 0.0):>12.3f}" for k in kinds)
