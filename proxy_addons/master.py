@@ -10,7 +10,9 @@ ScriptLoader (`scripts`, `-s`).
 
 Leaving the defaults out also leaves out their behaviour, which is the point: mitmdump's
 Block addon kills every connection from a public IP address (`block_global`, on by
-default), which on a federation port is every remote homeserver.
+default), which on a federation port is every remote homeserver. What it was good for,
+keeping the outbound listener (an HTTP proxy) from serving the internet, ProxyGuard does
+for that listener alone.
 
 `mitmdump -s proxy_addons/entrypoint.py` still works, with mitmdump's whole set.
 """
@@ -20,11 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable, Sequence
 
-from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import addonmanager, connection, exceptions, hooks, master, options
 from mitmproxy.addons import (
     core,
     disable_h2c,
@@ -36,8 +39,17 @@ from mitmproxy.addons import (
     termlog,
     tlsconfig,
 )
+from mitmproxy.proxy.mode_specs import RegularMode
 
-__all__ = ["LeanMaster", "MasterError", "lean_addons", "parse_extra_args", "run_master"]
+__all__ = [
+    "HandlerCache",
+    "LeanMaster",
+    "MasterError",
+    "ProxyGuard",
+    "lean_addons",
+    "parse_extra_args",
+    "run_master",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +65,38 @@ class MasterError(Exception):
     """A command-line option the lean proxy cannot take, said so the operator can act."""
 
 
+class ProxyGuard:
+    """The outbound listener is an HTTP proxy for the homeserver: a client from a public
+    address is refused there, as mitmdump's `block_global` did (bound off loopback by
+    mistake, it would be an open proxy). The inbound listener is what remote homeservers
+    reach from public addresses: never refused for it."""
+
+    def client_connected(self, client: connection.Client) -> None:
+        if not isinstance(client.proxy_mode, RegularMode):
+            return
+        host = client.peername[0].rsplit("%", 1)[0] if client.peername else ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if isinstance(address, ipaddress.IPv6Address):
+            address = address.ipv4_mapped or address
+        if address.is_global:
+            logger.warning("outbound listener: connection from public address %s refused", host)
+            client.error = "Connection from a public address refused by the outbound listener."
+
+
 def lean_addons() -> list[object]:
     """The proxy itself: options and commands, listeners, protocol detection, TLS; and
-    DisableH2C, which keeps a cleartext HTTP/2 upgrade from confusing the HTTP/1 layer."""
+    DisableH2C, which keeps a cleartext HTTP/2 upgrade from confusing the HTTP/1 layer;
+    and ProxyGuard."""
     return [
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         disable_h2c.DisableH2C(),
+        ProxyGuard(),
     ]
 
 

@@ -8,6 +8,7 @@ import pytest
 from mitmproxy import addonmanager, connection, exceptions, options
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
@@ -21,7 +22,15 @@ async def test_the_lean_master_runs_the_proxy_core_and_modguds_addons_only():
     """mitmdump's 35 addons are not loaded; modgud's are, after the proxy core."""
     proxy = LeanMaster(modgud_addons(), [REVERSE], quiet=False)
     names = list(proxy.addons.lookup)
-    assert names[:6] == ["termlog", "core", "proxyserver", "nextlayer", "tlsconfig", "disableh2c"]
+    assert names[:7] == [
+        "termlog",
+        "core",
+        "proxyserver",
+        "nextlayer",
+        "tlsconfig",
+        "disableh2c",
+        "proxyguard",
+    ]
     assert names[-1] == "errorcheck"
     for absent in ("block", "save", "scriptloader", "dumper", "anticache", "mapremote"):
         assert absent not in names
@@ -29,24 +38,45 @@ async def test_the_lean_master_runs_the_proxy_core_and_modguds_addons_only():
     assert len(names) < 15
 
 
-def _public_client() -> connection.Client:
+def _client(address: str, mode: str = REVERSE.removeprefix("mode=")) -> connection.Client:
     client = tflow.tclient_conn()
-    client.peername = ("8.8.8.8", 45678)
+    client.peername = (address, 45678)
+    client.proxy_mode = ProxyMode.parse(mode)
     return client
 
 
-async def test_a_connection_from_a_public_address_is_accepted():
+async def test_a_connection_from_a_public_address_is_accepted_inbound():
     """A federation port is reached by remote homeservers from public addresses; mitmdump's
     Block addon (block_global, on by default) kills those connections."""
     lean = LeanMaster([], [REVERSE], quiet=False)
-    client = _public_client()
-    await lean.addons.handle_lifecycle(server_hooks.ClientConnectedHook(client))
-    assert client.error is None
+    for address in ("8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.4.4"):
+        client = _client(address)
+        await lean.addons.handle_lifecycle(server_hooks.ClientConnectedHook(client))
+        assert client.error is None
 
     dump = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
-    client = _public_client()
+    client = _client("8.8.8.8")
     await dump.addons.handle_lifecycle(server_hooks.ClientConnectedHook(client))
     assert client.error == "Connection killed by block_global."
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("8.8.8.8", True),
+        ("::ffff:8.8.4.4", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("fe80::1%eth0", False),
+    ],
+)
+async def test_the_outbound_listener_refuses_public_addresses(address, refused):
+    """The outbound listener (regular mode) is the homeserver's proxy, never the world's."""
+    lean = LeanMaster([], [REVERSE, "mode=regular@127.0.0.1:8449"], quiet=False)
+    client = _client(address, "regular@127.0.0.1:8449")
+    await lean.addons.handle_lifecycle(server_hooks.ClientConnectedHook(client))
+    assert (client.error is not None) is refused
 
 
 async def test_options_of_optional_addons_load_them(tmp_path):
