@@ -32,7 +32,7 @@ from rules.roomversion import get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
 from tests.bench import run as pipeline
-from tests.bench.profile import format_breakdown, read_breakdown
+from tests.bench.profile import format_breakdown, read_breakdown, start_py_spy
 from tests.bench.results import record
 
 ROUNDS = int(os.environ.get("BENCH_LATENCY_ROUNDS", "3"))
@@ -79,18 +79,9 @@ async def sequential(port: int, txns: list[tuple[str, bytes, str]]) -> list[floa
 
 def _profile(kind: str, pid: int) -> subprocess.Popen[bytes] | None:
     """py-spy on `pid` until interrupted (SIGINT: it writes its profile and ends)."""
-    out = os.environ.get("BENCH_PROFILE")
-    if not out:
-        return None
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        raise SystemExit(
-            f"BENCH_PROFILE needs py-spy: {Path(sys.executable)} -m pip install py-spy"
-        )
-    Path(out).mkdir(parents=True, exist_ok=True)
-    cmd = [str(spy), "record", "-p", str(pid), "-d", "3600", "--nonblocking"]
-    cmd += ["-r", str(PROFILE_RATE), "-f", "raw", "-o", str(Path(out) / f"latency-{kind}.txt")]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return start_py_spy(
+        pid, f"latency-{kind}.txt", seconds=3600, rate=PROFILE_RATE, nonblocking=True
+    )
 
 
 async def main() -> int:

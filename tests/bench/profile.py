@@ -12,10 +12,13 @@ relative to each other, not in absolute terms.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["PARTS", "breakdown", "format_breakdown", "read_breakdown"]
+__all__ = ["PARTS", "breakdown", "format_breakdown", "read_breakdown", "start_py_spy"]
 
 # (part, frames that put a sample in it): the first part with a matching frame takes it.
 # A frame matches when it starts with one of the prefixes ("function (file").
@@ -86,3 +89,24 @@ def read_breakdown(path: Path, transactions: int, rate: int) -> dict[str, float]
     if not path.exists():
         return None
     return breakdown(path.read_text(errors="replace"), transactions, rate)
+
+
+def start_py_spy(
+    pid: int, output: str, *, seconds: int, rate: int, nonblocking: bool = False
+) -> subprocess.Popen[bytes] | None:
+    """BENCH_PROFILE=DIR: py-spy records `pid` (raw stacks) into DIR/`output` for `seconds`
+    (or until sent SIGINT, when it writes what it has); None when BENCH_PROFILE is unset."""
+    out = os.environ.get("BENCH_PROFILE")
+    if not out:
+        return None
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit(
+            f"BENCH_PROFILE needs py-spy: {Path(sys.executable)} -m pip install py-spy"
+        )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    cmd = [str(spy), "record", "-p", str(pid), "-d", str(seconds), "-r", str(rate)]
+    cmd += ["-f", "raw", "-o", str(Path(out) / output)]
+    if nonblocking:
+        cmd.append("--nonblocking")
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -29,7 +29,7 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from rules.roomversion import get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
-from tests.bench.profile import format_breakdown, read_breakdown
+from tests.bench.profile import format_breakdown, read_breakdown, start_py_spy
 from tests.bench.results import record
 
 ORIGIN = "sender.bench"
@@ -315,18 +315,7 @@ PROFILE_RATE = 200  # py-spy samples per second
 def _profile(kind: str, pid: int) -> subprocess.Popen[bytes] | None:
     """BENCH_PROFILE=DIR: record a py-spy profile (raw stacks) of each proxy during its run;
     the benchmark ends with where the CPU went (tests/bench/profile.py)."""
-    out = os.environ.get("BENCH_PROFILE")
-    if not out:
-        return None
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        raise SystemExit(
-            f"BENCH_PROFILE needs py-spy: {Path(sys.executable)} -m pip install py-spy"
-        )
-    Path(out).mkdir(parents=True, exist_ok=True)
-    cmd = [str(spy), "record", "-p", str(pid), "-d", str(int(DURATION)), "-r", str(PROFILE_RATE)]
-    cmd += ["-f", "raw", "-o", str(Path(out) / f"{kind}.txt")]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return start_py_spy(pid, f"{kind}.txt", seconds=int(DURATION), rate=PROFILE_RATE)
 
 
 async def main() -> int:
