@@ -229,7 +229,11 @@ def test_frozen_homeserver_state_unavailable_open_passes_closed_asks_to_retry(fa
     for on_error in ("open", "closed"):
         room_id, user = peer_room(topo)
         _, pdu = message(topo, room_id, user, f"cold{run}{on_error}")
-        timer = _frozen(topo, 12)
+        # Long enough for modgud's restart, the key wait (hs1 is the notary: 5 s) and the
+        # state wait (5 s) on a loaded machine; 12 s left about one second to spare, and
+        # a busy full run once used it up (hs1 thawed, answered the state read, no
+        # fail-open to count).
+        timer = _frozen(topo, 18)
         try:
             # Restarted while hs1 is frozen: the room's state is not cached, and nothing
             # (such as a hook call from hs1) can fetch it before the transaction arrives.
