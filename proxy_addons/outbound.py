@@ -340,6 +340,9 @@ class OutboundWatcher:
 
         def lookup() -> dict[tuple[str, str], str]:
             out: dict[tuple[str, str], str] = {}
+            # Index rows wait in the writer's queue for up to its flush interval: what this
+            # modgud saw deliver a moment ago must be in the answer too.
+            runtime.store.flush(2.0)
             if not Path(database).exists():
                 return out
             for room_id, hashes in by_room.items():

@@ -318,3 +318,19 @@ def test_ca_command_creates_the_ca_once_and_prints_its_certificate(tmp_path, cap
     assert open(capsys.readouterr().out.strip()).read() == first  # kept, not replaced
     path.write_text("server_name: hs.test\nupstream: http://127.0.0.1:8008\n")
     assert main(["ca", "--config", str(path)]) == 2
+
+
+async def test_a_pulled_event_is_blamed_on_who_delivered_it_a_moment_ago(make_runtime):
+    """The index's rows wait in the writer's queue for its flush interval; the first
+    deliverer of a pulled event is read after what was queued before is written."""
+    from rules.federation import parse_transaction
+
+    holder = make_runtime()
+    runtime = holder.runtime
+    body = json.dumps({"origin": "relay.test", "pdus": [pdu("@x:denied.test")], "edus": []})
+    txn = parse_transaction(body.encode(), "t1", "relay.test")
+    assert runtime.index.see(txn.pdus, "relay.test") == 1
+    found = await OutboundWatcher(holder)._first_deliverers(
+        runtime, [(p, "$e", None) for p in txn.pdus]
+    )
+    assert found == {(ROOM, txn.pdus[0].content_hash): "relay.test"}
