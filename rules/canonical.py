@@ -102,10 +102,12 @@ def canonical_json_size(value: object, *, exact_from: int) -> int:
     """The length of `value`'s canonical JSON, exact from `exact_from` bytes on.
 
     Below that, the length of msgspec's sorted encoding without the per-object type check
-    (a third of the cost for a small event): it differs from canonical JSON's only for
-    values outside plain JSON data (floats, subclasses), and only by their spelling, so
-    a value it puts well below a limit is below it. Near or over `exact_from`, or when
-    msgspec cannot encode the value, the exact length (encode_canonical_json's errors).
+    (a third of the cost for a small event). For plain JSON data (what a decoded body or
+    Synapse's events hold) that is canonical JSON's length; other values are measured as
+    msgspec writes them (a float's spelling, a set as an array, NaN as null) where
+    canonicaljson would spell them otherwise or refuse: this measures, it does not
+    validate. Near or over `exact_from`, or when msgspec cannot encode the value, the
+    exact length, with encode_canonical_json's errors.
     """
     if _FAST_PATH:
         try:

@@ -858,8 +858,9 @@ def pdu_bytes(
     event: Mapping[str, object], *, without: tuple[str, ...] = ("unsigned",)
 ) -> int | None:
     """The size of `event` as canonical JSON, leaving out the fields `without` (a PDU's
-    size does not count `unsigned`); None when it is not encodable. Exact from a little
-    below MAX_PDU_BYTES on, where it decides; below, within a few bytes (canonical_json_size)."""
+    size does not count `unsigned`): exact from a little below MAX_PDU_BYTES on, where it
+    decides, and there None when it is not encodable; below, as canonical_json_size
+    measures it (exact for JSON-decoded data)."""
     try:
         return canonical_json_size(
             {k: v for k, v in event.items() if k not in without},
