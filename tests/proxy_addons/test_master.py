@@ -80,6 +80,8 @@ async def test_the_outbound_listener_refuses_public_addresses(address, refused):
 
 
 async def test_options_of_optional_addons_load_them(tmp_path):
+    """`-- --set save_stream_file=F` (the testbed's capture, `modgud audit`'s input) loads
+    Save; -q leaves only errors in the log."""
     capture = tmp_path / "capture.flows"
     proxy = LeanMaster([], [REVERSE, f"save_stream_file={capture}"], quiet=True)
     assert "save" in proxy.addons.lookup
@@ -88,6 +90,8 @@ async def test_options_of_optional_addons_load_them(tmp_path):
 
 
 async def test_an_option_of_an_addon_left_out_is_explained():
+    """An option of mitmdump's other addons says where it is to be had; a bad value of a
+    known option is mitmproxy's own error."""
     with pytest.raises(MasterError, match=r"anticache.*mitmdump -s proxy_addons/entrypoint.py"):
         LeanMaster([], [REVERSE, "anticache=true"], quiet=False)
     with pytest.raises(MasterError, match="ssl_insecure"):
@@ -105,11 +109,13 @@ async def test_an_option_of_an_addon_left_out_is_explained():
     ],
 )
 def test_extra_arguments(args, settings, quiet):
+    """What `modgud run ... --` takes, as mitmproxy option settings."""
     assert parse_extra_args(args) == (settings, quiet)
 
 
 @pytest.mark.parametrize("args", [["--mode", "regular"], ["-v"], ["--set"], ["stray"]])
 def test_extra_arguments_not_understood_are_refused(args):
+    """Anything else is refused with what is taken, not passed on or ignored."""
     with pytest.raises(MasterError, match="extra mitmproxy arguments"):
         parse_extra_args(args)
 
