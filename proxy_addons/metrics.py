@@ -298,20 +298,19 @@ class ModuleMetrics(FindingMetrics):
         )
         # Label children bound once: labels() on every call cost the module three times
         # what the counting itself does (8.4 against 2.4 µs, measured apart from Synapse).
-        self._calls: dict[tuple[str, str, str], Any] = {}
-        self._seconds: dict[str, Any] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count_call(self, callback: str, answer: str, decided_by: str, seconds: float) -> None:
         """One callback answered: counted by answer and decider, its time observed."""
-        key = (callback, answer, decided_by)
-        calls = self._calls.get(key)
-        if calls is None:
-            calls = self._calls[key] = self.calls.labels(*key)
-        calls.inc()
-        timer = self._seconds.get(callback)
-        if timer is None:
-            timer = self._seconds[callback] = self.seconds.labels(callback)
-        timer.observe(seconds)
+        self._child(self.calls, callback, answer, decided_by).inc()
+        self._child(self.seconds, callback).observe(seconds)
 
 
 class StoreCollector:

@@ -343,11 +343,10 @@ class FindingStore:
             if self.index_retention_seconds and time.monotonic() >= next_prune:
                 more = self._prune(db)
                 next_prune = time.monotonic() + (0.0 if more else self.prune_interval)
+            # Woken by record() for what others wait for, else every flush_interval.
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
             batch: list[Record] = []
-            if self._queue.qsize() < self.batch_size:
-                # Not woken by each record: index rows wait for the interval.
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -361,6 +360,8 @@ class FindingStore:
                 except queue.Empty:
                     break
             stop = item is None
+            if len(batch) >= self.batch_size:
+                self._wake.set()  # a full batch: more may be queued
             if batch:
                 self._write(db, batch)
         db.close()

@@ -854,6 +854,10 @@ def judge_event(
     )
 
 
+# Room for the spelling differences canonical_json_size allows below its exact range.
+_SIZE_MARGIN = 4096
+
+
 def pdu_bytes(
     event: Mapping[str, object], *, without: tuple[str, ...] = ("unsigned",)
 ) -> int | None:
@@ -868,10 +872,6 @@ def pdu_bytes(
         )
     except (ValueError, TypeError, RecursionError):
         return None
-
-
-# Room for the spelling differences canonical_json_size allows below its exact range.
-_SIZE_MARGIN = 4096
 
 
 def check_invite(

@@ -170,10 +170,7 @@ class ModgudModule:
             if self.judge.is_local(pdu.get("sender")):
                 answer = self.judge.allow_local(pdu)
             else:
-                # A cached room without a coroutine's round: most events.
-                room: RoomPolicy | None | StateUnavailable = self.judge.rooms.get(event.room_id)
-                if room is None:
-                    room = await self._room(event.room_id)
+                room = await self._room(event.room_id)
                 if isinstance(room, RoomPolicy) and event.type == "m.room.member":
                     room = await self._with_authoriser(room, pdu)
                 answer = self.judge.decide(pdu, room, pdu_bytes=size)
