@@ -29,6 +29,7 @@ from rules.checks import (
     check_invite,
     judge_event,
 )
+from rules.federation import MAX_PDU_BYTES
 from rules.policy import SERVER_RULE_TYPES, USER_RULE_TYPES
 from rules.roomstate import PARTICIPATION_TYPES, RELEVANT_STATE_TYPES, RoomPolicy
 from rules.servername import server_of_user
@@ -58,6 +59,8 @@ POLICY_STATE_FILTER: tuple[tuple[str, str | None], ...] = tuple(
 # How long a state event the module let through may take to show in Synapse's current
 # state; one that never does was rejected or soft-failed.
 PENDING_SECONDS = 30.0
+# Senders remembered as allowed per cached room (then the memory starts again).
+MAX_ALLOWED_SENDERS = 4096
 
 
 def thaw(value: object) -> object:
@@ -76,6 +79,10 @@ class _Room:
     read_at: float
     # (type, state_key) -> (event ID, until when it may still show up)
     pending: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
+    # Senders whose non-state events this policy and the operator's `allowed_under` let
+    # through (the verdict memo: see RoomCache.allowed_senders).
+    allowed: set[str] = field(default_factory=set)
+    allowed_under: object = None
 
 
 class RoomCache:
@@ -118,6 +125,22 @@ class RoomCache:
             return None
         self._rooms.move_to_end(room_id)
         return room.policy
+
+    def allowed_senders(self, room: RoomPolicy, operator_policy: object) -> set[str] | None:
+        """The senders whose non-state events `room` (this cache's current entry for its
+        room) and `operator_policy` were found to let through: for such an event (not an
+        m.room.member, not over the size limit) the decision reads nothing else (the
+        sender's server against the ACL, participation and policy lists, the sender
+        against the lists' user bans), so while both are the same objects the answer is
+        the same. A new read of the room makes a new entry; a
+        new operator policy starts the memory again. None: `room` is not the entry."""
+        entry = self._rooms.get(room.room_id)
+        if entry is None or entry.policy is not room:
+            return None
+        if entry.allowed_under is not operator_policy or len(entry.allowed) >= MAX_ALLOWED_SENDERS:
+            entry.allowed = set()
+            entry.allowed_under = operator_policy
+        return entry.allowed
 
     def put(self, room_id: str, policy: RoomPolicy) -> None:
         """A fresh read of the room's state; pending changes it shows are settled."""
@@ -168,6 +191,7 @@ class Answer:
 
 
 ALLOW_LOCAL = Answer(False, "", "local")
+ALLOW_REMEMBERED = Answer(False, "", "module")
 
 
 class ModuleJudge:
@@ -207,9 +231,27 @@ class ModuleJudge:
         pdu_bytes: int | None,
     ) -> Answer:
         """Judge an event (PDU format, with its event_id) as the hook would, record what
-        was found, and say whether Synapse is to refuse it."""
+        was found, and say whether Synapse is to refuse it.
+
+        A non-state event of a sender already let through under the same cached room
+        policy and operator policy is let through again without judging (the verdict
+        memo, RoomCache.allowed_senders): inside Synapse the decision's code runs with
+        caches Synapse has made cold, four times slower than on its own."""
         config = self.config
         policy = self.policy.current
+        sender = event.get("sender")
+        allowed: set[str] | None = None
+        if (
+            isinstance(room, RoomPolicy)
+            and "state_key" not in event
+            and event.get("type") != "m.room.member"  # its content is read, state or not
+            and pdu_bytes is not None
+            and pdu_bytes <= MAX_PDU_BYTES
+            and isinstance(sender, str)
+        ):
+            allowed = self.rooms.allowed_senders(room, policy)
+            if allowed is not None and sender in allowed:
+                return ALLOW_REMEMBERED
         verdict = judge_event(
             event,
             room,
@@ -237,6 +279,8 @@ class ModuleJudge:
             )
         else:
             self.note(event)
+            if allowed is not None and isinstance(sender, str) and not verdict.findings:
+                allowed.add(sender)
         return Answer(refuse, verdict.reason or "refused", decided_by, verdict)
 
     def allow_local(self, event: Mapping[str, object]) -> Answer:

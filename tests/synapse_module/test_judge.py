@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from modgud_synapse import judge as judge_module
 from modgud_synapse.judge import (
     POLICY_STATE_FILTER,
     ROOM_STATE_FILTER,
@@ -16,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from proxy_addons.config import load_config
 from proxy_addons.metrics import ModuleMetrics
 from proxy_addons.store import FindingStore, news_after, query_findings
-from rules.checks import UNAVAILABLE
+from rules.checks import UNAVAILABLE, judge_event
+from rules.policy import BanList
 from rules.roomstate import RELEVANT_STATE_TYPES, room_policy_from_state
 
 ROOM = "!room:hs.test"
@@ -276,3 +282,104 @@ def test_invites_to_refused_servers_are_refused(make_judge):
     judge = make_judge()
     assert judge.decide_invite("@a:hs.test", "@b:denied.test", ROOM, state()).refuse
     assert not judge.decide_invite("@a:hs.test", "@b:good.test", ROOM, state()).refuse
+
+
+def test_a_sender_let_through_is_remembered_while_the_room_and_the_policy_stay(
+    make_judge, monkeypatch
+):
+    """The verdict memo: a non-state event of a sender let through under the cached room
+    policy and the operator's policy is let through again without judging; a new read of
+    the room, a new operator policy, a state event or an oversized one are judged."""
+    judged = []
+    real = judge_module.judge_event
+
+    def counting(event, *args, **kwargs):
+        judged.append(event["event_id"])
+        return real(event, *args, **kwargs)
+
+    monkeypatch.setattr(judge_module, "judge_event", counting)
+    judge = make_judge()
+    judge.rooms.put(ROOM, state(deny=()))
+    room = judge.rooms.get(ROOM)
+    assert not judge.decide(message("@x:bad.test", "$1"), room, pdu_bytes=100).refuse
+    assert not judge.decide(message("@x:bad.test", "$2"), room, pdu_bytes=100).refuse
+    assert judged == ["$1"]
+    # Not the cache's entry (a policy read elsewhere): judged.
+    assert not judge.decide(message("@x:bad.test", "$3"), state(deny=()), pdu_bytes=100).refuse
+    # A state event, an oversized event: judged, whoever sent them before.
+    topic = {**message("@x:bad.test", "$4"), "type": "m.room.topic", "state_key": ""}
+    assert not judge.decide(topic, room, pdu_bytes=100).refuse
+    member = {**message("@x:bad.test", "$4m"), "type": "m.room.member"}  # no state key
+    judge.decide(member, room, pdu_bytes=100)
+    assert judge.decide(message("@x:bad.test", "$5"), room, pdu_bytes=70_000).refuse
+    assert judged == ["$1", "$3", "$4", "$4m", "$5"]
+    # The operator's policy changes (a policy list bans the server): judged, refused.
+    judge.policy.current = replace(judge.policy.current, bans=BanList(servers=["bad.test"]))
+    assert judge.decide(message("@x:bad.test", "$6"), room, pdu_bytes=100).refuse
+    assert judge.decide(message("@x:bad.test", "$7"), room, pdu_bytes=100).refuse
+    # The room is read again with an ACL that denies the server.
+    judge.policy.current = replace(judge.policy.current, bans=BanList())
+    judge.rooms.put(ROOM, state(deny=("bad.test",)))
+    assert judge.decide(message("@x:bad.test", "$8"), judge.rooms.get(ROOM), pdu_bytes=100).refuse
+    assert judged == ["$1", "$3", "$4", "$4m", "$5", "$6", "$7", "$8"]
+    # Refusals are not remembered: each is recorded.
+    assert judge.store.flush(5)
+    refused = [r["event_id"] for r in query_findings([judge.config.database])]
+    assert sorted(refused) == ["$5", "$6", "$7", "$8"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("event"),
+                st.sampled_from(
+                    ["@a:good.test", "@b:denied.test", "@c:other.test", "@spam:good.test"]
+                ),
+                st.booleans(),  # a state event
+                st.sampled_from([100, 70_000]),
+            ),
+            st.tuples(st.just("acl"), st.sampled_from([(), ("denied.test",), ("*.test",)])),
+            st.tuples(st.just("bans"), st.sampled_from([(), ("@spam:good.test",)])),
+        ),
+        max_size=30,
+    )
+)
+def test_the_memo_answers_as_judging_every_event_would(tmp_path_factory, steps):
+    """Whatever the order of events, ACL reads and policy-list changes, the module's
+    answers with the memo are the answers of judge_event for each event."""
+    tmp = tmp_path_factory.mktemp("memo")
+    cfg = tmp / "modgud.yaml"
+    cfg.write_text("server_name: hs.test\nupstream: http://127.0.0.1:1\ndatabase: m.db\n")
+    config = load_config(cfg, secrets=False)
+    store = FindingStore(config.database, start=False)
+
+    async def no_state(room_id):
+        return None
+
+    judge = ModuleJudge(config, store, ModuleMetrics(CollectorRegistry()), no_state)
+    judge.rooms.put(ROOM, state(deny=()))
+    try:
+        for n, step in enumerate(steps):
+            if step[0] == "acl":
+                judge.rooms.put(ROOM, state(acl_id=f"$acl{n}", deny=step[1]))
+            elif step[0] == "bans":
+                judge.policy.current = replace(judge.policy.current, bans=BanList(users=step[1]))
+            else:
+                _, sender, is_state, size = step
+                event = message(sender, f"${n}")
+                if is_state:
+                    event = {**event, "type": "m.room.topic", "state_key": ""}
+                room = judge.rooms.get(ROOM)
+                expected = judge_event(
+                    event,
+                    room,
+                    "hs.test",
+                    fail_open=True,
+                    policy=judge.policy.current,
+                    pdu_bytes=size,
+                )
+                assert judge.decide(event, room, pdu_bytes=size).refuse is expected.refused
+    finally:
+        store.close()
