@@ -865,11 +865,10 @@ def pdu_bytes(
     size does not count `unsigned`): exact from a little below MAX_PDU_BYTES on, where it
     decides, and there None when it is not encodable; below, as canonical_json_size
     measures it (exact for JSON-decoded data)."""
+    if any(k in event for k in without):
+        event = {k: v for k, v in event.items() if k not in without}
     try:
-        return canonical_json_size(
-            {k: v for k, v in event.items() if k not in without},
-            exact_from=MAX_PDU_BYTES - _SIZE_MARGIN,
-        )
+        return canonical_json_size(event, exact_from=MAX_PDU_BYTES - _SIZE_MARGIN)
     except (ValueError, TypeError, RecursionError):
         return None
 

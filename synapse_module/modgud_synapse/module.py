@@ -151,43 +151,56 @@ class ModgudModule:
     async def user_may_invite(self, inviter: str, invitee: str, room_id: str) -> Any:
         started = time.perf_counter()
         answer: Answer | None = None
+        state = "none"
         try:
-            room = await self._room(room_id)
+            room, state = await self._room(room_id)
             answer = self.judge.decide_invite(inviter, invitee, room_id, room)
         except Exception:
             answer = self._internal_error("user_may_invite")
         finally:
-            self._count("user_may_invite", answer, started)
+            self._count("user_may_invite", answer, state, started)
         return self._reply(answer)
 
     async def _judge(self, event: EventBase, callback: str) -> Any:
         started = time.perf_counter()
         answer: Answer | None = None
+        state = "none"
         try:
             pdu = event.get_pdu_json()
+            pdu.pop("unsigned", None)  # a copy; not in the PDU's size, nothing reads it
             size = pdu_bytes(pdu)
             pdu["event_id"] = event.event_id
             if self.judge.is_local(pdu.get("sender")):
                 answer = self.judge.allow_local(pdu)
             else:
-                room = await self._room(event.room_id)
+                # Most events: a cached room, without a coroutine's round.
+                room: RoomPolicy | StateUnavailable | None = self.judge.rooms.get(event.room_id)
+                if room is not None:
+                    state = "cached"
+                else:
+                    room, state = await self._room(event.room_id)
                 if isinstance(room, RoomPolicy) and event.type == "m.room.member":
                     room = await self._with_authoriser(room, pdu)
                 answer = self.judge.decide(pdu, room, pdu_bytes=size)
         except Exception:
             answer = self._internal_error(callback)
         finally:
-            self._count(callback, answer, started)
+            self._count(callback, answer, state, started)
         return self._reply(answer)
 
     # -- room state, from Synapse ------------------------------------------------------------
 
-    async def _room(self, room_id: str) -> RoomPolicy | None | StateUnavailable:
-        """The room's policy: cached, or read from Synapse's current state (None: Synapse
-        is not in the room, as when it is joining it; nothing to enforce yet)."""
+    async def _room(self, room_id: str) -> tuple[RoomPolicy | None | StateUnavailable, str]:
+        """The room's policy, cached or read from Synapse's current state (None: Synapse
+        is not in the room, as when it is joining it; nothing to enforce yet), and which
+        of the two (`cached`, `read`: the label of the callback's time)."""
         policy = self.judge.rooms.get(room_id)
         if policy is not None:
-            return policy
+            return policy, "cached"
+        return await self._read_room(room_id), "read"
+
+    async def _read_room(self, room_id: str) -> RoomPolicy | None | StateUnavailable:
+        """The room's policy from Synapse's current state, cached for the next events."""
         started = time.perf_counter()
         try:
             state = await self.api.get_room_state(room_id, ROOM_STATE_FILTER)
@@ -261,7 +274,7 @@ class ModgudModule:
             return Answer(False, "", "error")
         return Answer(True, "modgud: internal error (on_error: closed)", "error")
 
-    def _count(self, callback: str, answer: Answer | None, started: float) -> None:
+    def _count(self, callback: str, answer: Answer | None, state: str, started: float) -> None:
         try:
             decided_by = answer.decided_by if answer is not None else "error"
             refused = answer is not None and answer.refuse
@@ -269,6 +282,7 @@ class ModgudModule:
                 callback,
                 "refuse" if refused else "allow",
                 decided_by,
+                state,
                 time.perf_counter() - started,
             )
         except Exception:  # noqa: BLE001 - counting must not turn an answer into an error

@@ -9,7 +9,8 @@ import re
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy_addons.metrics import DatabaseCollector, ModuleMetrics
@@ -190,13 +191,14 @@ def test_readme_catalogue_names_exactly_what_modgud_exports(make_runtime):
 
 
 def test_the_modules_calls_are_counted_and_timed_by_their_labels():
-    """count_call binds each label set once and keeps counting into it."""
+    """The module's calls by callback, answer and decider, and its time by callback and
+    where the room's state came from (a value on a bucket's bound counts in it)."""
     registry = CollectorRegistry()
     metrics = ModuleMetrics(registry)
-    for seconds in (0.00004, 0.00006, 0.3):
-        metrics.count_call("check_event_for_spam", "allow", "module", seconds)
-    metrics.count_call("check_event_for_spam", "refuse", "module", 0.00002)
-    metrics.count_call("user_may_invite", "allow", "local", 0.00001)
+    for seconds in (0.00004, 0.0001, 0.3):
+        metrics.count_call("check_event_for_spam", "allow", "module", "cached", seconds)
+    metrics.count_call("check_event_for_spam", "refuse", "module", "read", 0.002)
+    metrics.count_call("user_may_invite", "allow", "local", "none", 0.00001)
 
     def calls(*labels: str) -> float | None:
         keys = dict(zip(("callback", "answer", "decided_by"), labels, strict=True))
@@ -205,6 +207,52 @@ def test_the_modules_calls_are_counted_and_timed_by_their_labels():
     assert calls("check_event_for_spam", "allow", "module") == 3
     assert calls("check_event_for_spam", "refuse", "module") == 1
     assert calls("user_may_invite", "allow", "local") == 1
-    timed = {"callback": "check_event_for_spam"}
-    assert registry.get_sample_value("modgud_module_seconds_count", timed) == 4
-    assert registry.get_sample_value("modgud_module_seconds_bucket", {**timed, "le": "0.0001"}) == 3
+    cached = {"callback": "check_event_for_spam", "room": "cached"}
+    sample = registry.get_sample_value
+    assert sample("modgud_module_seconds_count", cached) == 3
+    assert sample("modgud_module_seconds_bucket", {**cached, "le": "0.0001"}) == 2
+    assert sample("modgud_module_seconds_bucket", {**cached, "le": "0.25"}) == 2
+    assert sample("modgud_module_seconds_bucket", {**cached, "le": "+Inf"}) == 3
+    assert sample("modgud_module_seconds_sum", cached) == pytest.approx(0.30014)
+    read = {"callback": "check_event_for_spam", "room": "read"}
+    assert sample("modgud_module_seconds_bucket", {**read, "le": "0.001"}) == 0
+    assert sample("modgud_module_seconds_bucket", {**read, "le": "0.0025"}) == 1
+
+
+def test_the_modules_tally_exports_what_prometheus_clients_metrics_would():
+    """The module counts into plain integers (cheap inside Synapse); what a scrape reads
+    is the series a Counter and a Histogram with the same labels export."""
+    observed = [
+        ("check_event_for_spam", "allow", "module", "cached", 0.000031),
+        ("check_event_for_spam", "allow", "module", "cached", 0.00005),
+        ("check_event_for_spam", "refuse", "module", "read", 0.0042),
+        ("federated_user_may_invite", "allow", "malformed", "none", 2.0),
+    ]
+    tallied = CollectorRegistry()
+    metrics = ModuleMetrics(tallied)
+    reference = CollectorRegistry()
+    calls = Counter(
+        "modgud_module_calls", "", ["callback", "answer", "decided_by"], registry=reference
+    )
+    seconds = Histogram(
+        "modgud_module_seconds",
+        "",
+        ["callback", "room"],
+        buckets=metrics.calls.bounds,
+        registry=reference,
+    )
+    for callback, answer, decided_by, room, took in observed:
+        metrics.count_call(callback, answer, decided_by, room, took)
+        calls.labels(callback, answer, decided_by).inc()
+        seconds.labels(callback, room).observe(took)
+
+    def samples(registry, prefix):
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if s.name.startswith(prefix) and not s.name.endswith("_created")
+        )
+
+    for prefix in ("modgud_module_calls", "modgud_module_seconds"):
+        assert samples(tallied, prefix) == samples(reference, prefix)
