@@ -41,7 +41,8 @@ $(SYNAPSE_VENV)/.module-stamp: $(SYNAPSE_VENV)/.stamp $(MODULE_SOURCES)
 
 synapse: $(SYNAPSE_VENV)/.stamp $(SYNAPSE_VENV)/.module-stamp
 
-## nginx and Prometheus from Debian's packages, when missing (as root; else says what to install).
+## nginx, Prometheus, PostgreSQL and Redis from Debian's packages, when missing (as root; else
+## says what to install).
 deps:
 	@.ci/system-deps
 
