@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from typing import Any
 
+from proxy_addons.database import DatabaseError
 from proxy_addons.leaks import AUTHOR_REFUSED
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import latest_ids, news_after
@@ -41,7 +41,7 @@ class ChangeFollower:
         modgud fetches anyway, and the refused events reloaded at start)."""
         try:
             self.last_change, self.last_finding = latest_ids(self.runtime.config.database)
-        except sqlite3.Error as e:
+        except DatabaseError as e:
             logger.warning("the database's news cannot be read yet: %s", e)
 
     def read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -69,13 +69,13 @@ class ChangeFollower:
 
     async def run(self) -> None:
         """Poll until cancelled; the reads run on a thread (SQLite never waits for a
-        writer in WAL mode, but the disk might)."""
+        writer in WAL mode, but the disk or PostgreSQL's connection might)."""
         await asyncio.to_thread(self.start_at_the_end)
         while True:
             await asyncio.sleep(self.interval)
             try:
                 changes, refusals = await asyncio.to_thread(self.read)
-            except sqlite3.Error as e:
+            except DatabaseError as e:
                 logger.debug("reading the database's news failed, will try again: %s", e)
                 continue
             except Exception:  # noqa: BLE001 - the follower must never die

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from proxy_addons.config import Config, ConfigError, Listen, exposure_warnings, load_config
+from proxy_addons.database import DatabaseError, is_postgres, open_db
 from proxy_addons.leaks import query_leaks
 from proxy_addons.participation import ParticipationError, write_participation
 from proxy_addons.replay import ReplayError, replay_capture
 from proxy_addons.spaces import run_plan, write_plan
-from proxy_addons.store import FINDING_COLUMNS, decide_knock, query_findings, query_knocks
+from proxy_addons.store import (
+    FINDING_COLUMNS,
+    copy_records,
+    decide_knock,
+    query_findings,
+    query_knocks,
+)
 from proxy_addons.synapseconfig import homeserver_modules, module_snippet
 from rules.policy import CHECKS
 
@@ -179,7 +186,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"  state from   {config.admin_api} (admin token {'set' if config.admin_token else 'MISSING'})"
     )
-    print(f"  database     {config.database}")
+    try:
+        print(f"  database     {open_db(config.database).check()}")
+    except DatabaseError as e:
+        print(f"{config.path}: database: {e}", file=sys.stderr)
+        return 1
     print(f"  key servers  {', '.join(k.server_name for k in config.trusted_key_servers) or '-'}")
     print(f"  policy lists {', '.join(config.policy_lists) or '-'}")
     print(f"  spaces       {', '.join(config.spaces) or '-'}")
@@ -250,7 +261,7 @@ def _query(
     read as "nothing found"."""
     paths = _paths(args)
     for path in paths:
-        if not Path(path).is_file():
+        if not is_postgres(path) and not Path(path).is_file():
             print(f"modgud {command}: no database at {path}", file=sys.stderr)
             return None
     try:
@@ -418,7 +429,10 @@ def cmd_leaks(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     database = args.db or f"{args.capture}.modgud.db"
-    if Path(database).resolve() == Path(config.database).resolve():
+    if (
+        not is_postgres(config.database)
+        and Path(database).resolve() == Path(config.database).resolve()
+    ):
         print(
             f"modgud audit: {database} is the live findings database; give the replay its own",
             file=sys.stderr,
@@ -449,6 +463,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 f" confidence {g['confidence']}"
             )
     return 1 if leaks else 0
+
+
+def cmd_db_migrate_to(args: argparse.Namespace) -> int:
+    """Copy an SQLite database's records into another database (PostgreSQL, for replicas);
+    the counts of both, table by table, compared."""
+    source = args.db or (load_config(args.config).database if args.config else "modgud.db")
+    if is_postgres(source) or not Path(source).is_file():
+        print(f"modgud db migrate-to: no SQLite database at {source}", file=sys.stderr)
+        return 2
+    target = open_db(args.url)
+    print(f"copying {open_db(source).describe()} into {target.describe()}")
+    try:
+        counts = copy_records(source, args.url)
+    except DatabaseError as e:
+        print(f"modgud db migrate-to: {e}", file=sys.stderr)
+        return 2
+    for table, copied, there in counts:
+        print(
+            f"  {table:<14} {copied:>10} copied, {there:>10} there {'ok' if copied == there else 'DIFFERENT'}"
+        )
+    if any(copied != there for _, copied, there in counts):
+        print("modgud db migrate-to: the counts differ; the copy is not complete", file=sys.stderr)
+        return 1
+    print(f"done: set `database:` in modgud.yaml to the PostgreSQL URL ({target.describe()})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,6 +580,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["enforce", "audit"], help="the module's own mode (default: the config's)"
     )
     synapse.set_defaults(func=cmd_synapse_config)
+
+    db = sub.add_parser("db", help="the findings database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    migrate_to = db_sub.add_parser(
+        "migrate-to",
+        help="copy every record of an SQLite database into an empty PostgreSQL database",
+    )
+    migrate_to.add_argument("url", help="postgresql://user@host:port/dbname (or another path)")
+    migrate_to.add_argument("--config", "-c", help="copy the database this config names")
+    migrate_to.add_argument("--db", help="copy this SQLite database (default ./modgud.db)")
+    migrate_to.set_defaults(func=cmd_db_migrate_to)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config", help="modgud.yaml")

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.constructor import ConstructorError
 
+from proxy_addons.database import is_postgres
 from rules.policy import ACTIONS, CHECKS, SEVERITIES, CheckActions, CheckSetting
 from rules.servername import parse_server_name
 
@@ -387,7 +388,7 @@ def load_config(path: str | Path, *, secrets: bool = True) -> Config:
         room_admin_token = _read_token(hs, "room_admin_token_file", base, secrets)
         hs.reject_unknown()
 
-    database = top.get("database", str, "modgud.db")
+    database = _parse_database(top, base)
     verify = top.get("verify_signatures", bool, True)
     state = top.child("state")
     ttl, timeout, hook_timeout = 300.0, 5.0, 1.0
@@ -439,7 +440,7 @@ def load_config(path: str | Path, *, secrets: bool = True) -> Config:
         admin_token=admin_token,
         mode=Mode(mode_text),
         on_error=on_error,
-        database=str(base / database),
+        database=database,
         tls_certificate=cert,
         tls_key=key,
         verify_signatures=verify,
@@ -524,14 +525,36 @@ def _parse_metrics(top: _Node) -> tuple[str, ...]:
     return tuple(s.lower() for s in servers)
 
 
+def _parse_database(top: _Node, base: Path) -> str:
+    """`database:` an SQLite path (relative to the config's directory) or a PostgreSQL URL
+    (postgresql://user[:password]@host[:port]/dbname; also whatever libpq takes after `?`,
+    sslmode say). Opened and checked by `modgud check-config`; `run` opens it at start."""
+    database = top.get("database", str, "modgud.db")
+    if not database.strip():
+        raise top.error("database", "empty: give an SQLite path or a postgresql:// URL")
+    if "://" not in database:
+        return str(base / database)
+    parts = urlsplit(database)
+    if not is_postgres(database):
+        raise top.error(
+            "database",
+            f"{parts.scheme}:// is not a database modgud speaks (SQLite path or postgresql://)",
+        )
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise top.error("database", "the PostgreSQL URL names no database (…/dbname)")
+    return database
+
+
 def _parse_outbound(
     top: _Node, base: Path, database: str, listening: bool, secrets: bool = True
 ) -> dict[str, Any]:
     """The `outbound:` section: how modgud, as the homeserver's https_proxy, talks TLS to
     the homeserver (its CA) and to remote servers, and the key to re-sign with."""
     node = top.child("outbound")
-    # The CA is kept next to the database by default: that directory is modgud's to write.
-    out: dict[str, Any] = {"outbound_ca_dir": str((base / database).parent / "ca")}
+    # The CA is kept next to an SQLite database by default: that directory is modgud's to
+    # write; with PostgreSQL, next to the config.
+    home = base if is_postgres(database) else Path(database).parent
+    out: dict[str, Any] = {"outbound_ca_dir": str(home / "ca")}
     if node is None:
         return out
     if not listening:

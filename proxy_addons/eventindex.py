@@ -12,11 +12,11 @@ store's writer thread.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from proxy_addons.database import reading
 from rules.federation import Pdu
 
 __all__ = ["EVENT_COLUMNS", "PRUNE", "EventIndex", "IndexBatch", "lookup_events", "storable"]
@@ -35,29 +35,22 @@ EVENT_COLUMNS = (
     "deliveries",
 )
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS events (room_id TEXT NOT NULL, content_hash TEXT NOT NULL, "
-    "event_id TEXT, author TEXT, first_origin TEXT, delivered_by TEXT, direction TEXT, "
-    "endpoint TEXT, first_seen REAL, last_seen REAL, deliveries INTEGER DEFAULT 1, "
-    "PRIMARY KEY (room_id, content_hash))",
-    "CREATE INDEX IF NOT EXISTS events_by_id ON events (event_id)",
-)
-
 UPSERT = (
     "INSERT INTO events (room_id, content_hash, event_id, author, first_origin, delivered_by, "
     "direction, endpoint, first_seen, last_seen, deliveries) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
     "ON CONFLICT (room_id, content_hash) DO UPDATE SET "
-    "last_seen = excluded.last_seen, deliveries = deliveries + 1, "
+    "last_seen = excluded.last_seen, deliveries = events.deliveries + 1, "
     "event_id = COALESCE(events.event_id, excluded.event_id), "
-    "delivered_by = CASE WHEN instr(',' || delivered_by || ',', "
-    "',' || excluded.first_origin || ',') > 0 THEN delivered_by "
-    "ELSE substr(delivered_by || ',' || excluded.first_origin, 1, 2000) END"
+    "delivered_by = CASE WHEN instr(',' || events.delivered_by || ',', "
+    "',' || excluded.first_origin || ',') > 0 THEN events.delivered_by "
+    "ELSE substr(events.delivered_by || ',' || excluded.first_origin, 1, 2000) END"
 )
 
 
 # Rows not seen since a cutoff, a chunk at a time (rowid order: the oldest first, found
-# without an index on last_seen, which every re-delivery would have to update).
+# without an index on last_seen, which every re-delivery would have to update; on
+# PostgreSQL, ctid: physical order, roughly the oldest first).
 PRUNE = (
     "DELETE FROM events WHERE rowid IN "
     "(SELECT rowid FROM events WHERE last_seen < ? ORDER BY rowid LIMIT ?)"
@@ -65,10 +58,13 @@ PRUNE = (
 
 
 def storable(text: str) -> str:
-    """`text` as SQLite can store it (UTF-8). Text from traffic can hold lone surrogates —
-    a JSON string may escape one (`"\\ud800"`), mitmproxy decodes a path's invalid bytes
-    to them — and one such string makes sqlite3 raise UnicodeEncodeError. They are kept
-    as their escapes (by the store's writer, when a batch fails so)."""
+    """`text` as both engines can store it (UTF-8, no NUL). Text from traffic can hold
+    lone surrogates — a JSON string may escape one (`"\\ud800"`), mitmproxy decodes a
+    path's invalid bytes to them — and one such string makes sqlite3 and psycopg raise
+    UnicodeEncodeError; PostgreSQL's text cannot hold NUL (a JSON `"\\u0000"`). They are
+    kept as their escapes (by the store's writer, when a batch fails so)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
     if text.isascii():
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -155,11 +151,5 @@ def lookup_events(
         f"SELECT {', '.join(EVENT_COLUMNS)} FROM events "  # noqa: S608 - fixed names
         f"WHERE room_id = ? AND content_hash IN ({marks})"
     )
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        return {r["content_hash"]: dict(r) for r in conn.execute(sql, [room_id, *hashes])}
-    except sqlite3.OperationalError as e:
-        raise ValueError(f"{path}: {e}") from None
-    finally:
-        conn.close()
+    with reading(path) as conn:
+        return {r["content_hash"]: r for r in conn.dicts(sql, [room_id, *hashes])}

@@ -10,11 +10,11 @@ recent.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from proxy_addons.database import DatabaseError, reading
 from rules.findings import Finding, Rule, refuses_deliverer_only
 
 __all__ = ["LEAK_RULES", "RefusedEvents", "query_leaks"]
@@ -87,16 +87,11 @@ class RefusedEvents:
             "AND sender_server IS NOT NULL ORDER BY ts DESC LIMIT ?"
         )
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        except sqlite3.OperationalError:
+            with reading(path) as conn:
+                rows = conn.tuples(sql, [*rules, limit])
+        except DatabaseError as e:
+            logger.warning("could not reload refused events: %s", e)
             return 0
-        try:
-            rows = conn.execute(sql, [*rules, limit]).fetchall()
-        except sqlite3.OperationalError as e:
-            logger.warning("could not reload refused events from %s: %s", path, e)
-            return 0
-        finally:
-            conn.close()
         for room_id, event_id, author in reversed(rows):
             self.add(room_id, event_id, author)
         return len(rows)
@@ -122,14 +117,8 @@ def query_leaks(
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     rank = {"low": 0, "medium": 1, "high": 2}
     for path in paths:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as e:
-            raise ValueError(f"{path}: {e}") from None
-        finally:
-            conn.close()
+        with reading(path) as conn:
+            rows = conn.dicts(sql, params)
         for r in rows:
             key = (r["room_id"] or "-", r["attributed_to"] or "(not attributable)")
             g = groups.setdefault(

@@ -10,9 +10,7 @@ size) are read when Prometheus scrapes, by DatabaseCollector.
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import sqlite3
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from proxy_addons.database import DatabaseError, open_db, reading
 
 __all__ = [
     "CallTally",
@@ -406,33 +406,33 @@ class StoreCounts(Protocol):
 
 
 class DatabaseCollector(Collector):
-    """What lives in SQLite, read at scrape time: knocks waiting for a decision, how long
-    the oldest has waited, and the database's size on disk. One short read-only query per
-    scrape; an unreadable database yields no samples rather than an error."""
+    """What lives in the database, read at scrape time: knocks waiting for a decision, how
+    long the oldest has waited, and the database's size (on disk, WAL included, for
+    SQLite; pg_database_size for PostgreSQL). One short read-only query per scrape; an
+    unreadable database yields no samples rather than an error."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    def __init__(self, target: str, clock: Callable[[], float] = time.time) -> None:
+        self.db = open_db(target)
         self._clock = clock
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())  # collected lazily: no samples are read at registration
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
-        yield GaugeMetricFamily(
-            "modgud_database_bytes", "The findings database's size on disk, WAL included", size
-        )
+        size = self.db.size_bytes()
+        if size is not None:
+            yield GaugeMetricFamily(
+                "modgud_database_bytes", "The findings database's size, WAL included", size
+            )
         try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
-            try:
-                pending, oldest = conn.execute(
+            with reading(self.db.target, timeout=1) as conn:
+                row = conn.one(
                     "SELECT COUNT(*), MIN(first_seen) FROM knocks WHERE status = 'pending'"
-                ).fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error as e:
+                )
+        except DatabaseError as e:
             logger.debug("knocks unreadable at scrape: %s", e)
             return
+        pending, oldest = row if row is not None else (0, None)
         yield GaugeMetricFamily(
             "modgud_knocks_pending", "Knocks waiting for an approve or deny", pending
         )

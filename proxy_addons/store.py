@@ -36,17 +36,16 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from proxy_addons.database import Connection, Database, DatabaseError, open_db, reading
+from proxy_addons.eventindex import EVENT_COLUMNS, IndexBatch, storable
 from proxy_addons.eventindex import PRUNE as EVENT_PRUNE
-from proxy_addons.eventindex import SCHEMA as EVENT_SCHEMA
 from proxy_addons.eventindex import UPSERT as EVENT_UPSERT
-from proxy_addons.eventindex import IndexBatch, storable
 
 __all__ = [
     "FINDING_COLUMNS",
@@ -55,6 +54,7 @@ __all__ = [
     "FindingStore",
     "KnockRecord",
     "StateChange",
+    "copy_records",
     "decide_knock",
     "query_findings",
     "query_knocks",
@@ -151,23 +151,6 @@ KNOCK_COLUMNS = (
 IN_HOMESERVER_ENDPOINTS = ("hook", "module")
 _JUDGES = ", ".join(f"'{e}'" for e in IN_HOMESERVER_ENDPOINTS)  # for the SQL below
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS findings (id INTEGER PRIMARY KEY, ts FLOAT, rule TEXT, "
-    "action TEXT, severity TEXT, direction TEXT, room_id TEXT, event_id TEXT, "
-    "event_type TEXT, sender TEXT, sender_server TEXT, origin TEXT, attributed_to TEXT, "
-    "confidence TEXT, endpoint TEXT, txn_id TEXT, detail TEXT)",
-    # The index names sqlite-utils gave them, which databases of earlier versions have.
-    "CREATE INDEX IF NOT EXISTS idx_findings_ts ON findings (ts)",
-    "CREATE INDEX IF NOT EXISTS idx_findings_rule_ts ON findings (rule, ts)",
-    "CREATE INDEX IF NOT EXISTS idx_findings_room_id_ts ON findings (room_id, ts)",
-    "CREATE INDEX IF NOT EXISTS idx_findings_event_id ON findings (event_id)",
-    "CREATE TABLE IF NOT EXISTS knocks (room_id TEXT NOT NULL, server TEXT NOT NULL, "
-    "first_seen REAL, last_seen REAL, count INTEGER DEFAULT 0, "
-    "status TEXT DEFAULT 'pending', policy_match TEXT, decided_at REAL, reason TEXT, "
-    "PRIMARY KEY (room_id, server))",
-    "CREATE TABLE IF NOT EXISTS state_changes (id INTEGER PRIMARY KEY, ts REAL, "
-    "room_id TEXT NOT NULL, event_type TEXT, state_key TEXT, event_id TEXT)",
-)
 INSERT_STATE_CHANGE = (
     "INSERT INTO state_changes (ts, room_id, event_type, state_key, event_id) "
     "VALUES (?, ?, ?, ?, ?)"
@@ -197,26 +180,9 @@ UPSERT_KNOCK = (
     "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, "
     "policy_match) VALUES (?, ?, ?, ?, 1, ?) "
     "ON CONFLICT (room_id, server) DO UPDATE SET "
-    "last_seen = excluded.last_seen, count = count + 1, "
+    "last_seen = excluded.last_seen, count = knocks.count + 1, "
     "policy_match = excluded.policy_match"
 )
-
-
-def open_database(path: str, timeout: float = 30.0) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create what is missing (every statement is IF NOT EXISTS: several processes may
-    open a new database at once)."""
-    with conn:
-        for statement in SCHEMA:
-            conn.execute(statement)
-        for statement in EVENT_SCHEMA:
-            conn.execute(statement)
 
 
 Record = FindingRecord | KnockRecord | IndexBatch | StateChange
@@ -232,7 +198,7 @@ def _size(record: Record) -> int:
 class FindingStore:
     def __init__(
         self,
-        path: str,
+        target: str,
         *,
         batch_size: int = 2000,
         flush_interval: float = 0.5,
@@ -243,7 +209,8 @@ class FindingStore:
         prune_interval: float = 600.0,
         start: bool = True,
     ) -> None:
-        self.path = path
+        self.db: Database = open_db(target)
+        self.path = target
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_pending = max_pending
@@ -259,11 +226,7 @@ class FindingStore:
         self.pruned = 0  # event-index rows deleted as older than the retention
         self._stop = threading.Event()
         self._wake = threading.Event()
-        conn = open_database(path)
-        try:
-            ensure_schema(conn)
-        finally:
-            conn.close()
+        self.db.migrate()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._closed = False
@@ -335,11 +298,29 @@ class FindingStore:
             self._stop.set()
             thread.join(timeout=self.retry_max_seconds + self.busy_timeout + 1)
 
+    def _connect(self) -> Connection | None:
+        """The writer's connection; None while the database cannot be reached (the
+        records wait, and it is tried again)."""
+        try:
+            return self.db.connect(timeout=self.busy_timeout)
+        except self.db.errors.any as e:
+            self.write_errors += 1
+            logger.error("store: cannot connect to %s, will retry: %s", self.db.describe(), e)
+            return None
+
     def _run(self) -> None:
-        db = open_database(self.path, timeout=self.busy_timeout)
+        db = self._connect()
         stop = False
         next_prune = time.monotonic()  # at start too: rows may have aged while modgud was down
         while not stop:
+            if db is None or db.broken:
+                if db is not None:
+                    db.close()
+                db = self._connect()
+                if db is None:
+                    if self._stop.wait(self.retry_max_seconds):
+                        break
+                    continue
             if self.index_retention_seconds and time.monotonic() >= next_prune:
                 more = self._prune(db)
                 next_prune = time.monotonic() + (0.0 if more else self.prune_interval)
@@ -364,28 +345,29 @@ class FindingStore:
                 self._wake.set()  # a full batch: more may be queued
             if batch:
                 self._write(db, batch)
-        db.close()
+        if db is not None:
+            db.close()
 
-    def _prune(self, db: sqlite3.Connection) -> bool:
+    def _prune(self, db: Connection) -> bool:
         """Delete index rows last seen before the retention window; True if some may be
         left (the pass stopped after PRUNE_CHUNKS chunks, so queued records are written
         before the next). A failure is logged and the pass tried again later."""
         cutoff = time.time() - self.index_retention_seconds
         try:
-            with db:
+            with db.transaction():
                 db.execute(PRUNE_STATE_CHANGES, (time.time() - STATE_CHANGES_KEPT_SECONDS,))
             for _ in range(PRUNE_CHUNKS):
-                with db:
-                    deleted = db.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK)).rowcount
+                with db.transaction():
+                    deleted = db.execute(EVENT_PRUNE, (cutoff, PRUNE_CHUNK))
                 self.pruned += deleted
                 if deleted < PRUNE_CHUNK or self._stop.is_set():
                     return False
-        except sqlite3.Error as e:
+        except self.db.errors.any as e:
             logger.warning("store: pruning the event index failed, will try again: %s", e)
             return False
         return True
 
-    def _write(self, db: sqlite3.Connection, batch: list[Record]) -> None:
+    def _write(self, db: Connection, batch: list[Record]) -> None:
         findings = [r.as_tuple() for r in batch if isinstance(r, FindingRecord)]
         knocks = [r for r in batch if isinstance(r, KnockRecord)]
         changes: list[tuple[object, ...]] = [
@@ -399,7 +381,7 @@ class FindingStore:
         escaped = False
         while True:
             try:
-                with db:
+                with db.transaction():
                     _insert_findings(db, findings)
                     if index:
                         db.executemany(EVENT_UPSERT, index)
@@ -410,14 +392,14 @@ class FindingStore:
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break
-            except UnicodeEncodeError:
+            except self.db.errors.unstorable:
                 if escaped:
                     logger.exception("store: %d records cannot be written; dropped", size)
                     self.dropped += size
                     break
                 # Text from traffic with lone surrogates (a JSON "\ud800", a path's
-                # undecodable bytes): SQLite takes UTF-8 only. Rare, so the batch is
-                # escaped only when it failed, off the event loop.
+                # undecodable bytes; both engines take UTF-8 only) or NUL (PostgreSQL).
+                # Rare, so the batch is escaped only when it failed, off the event loop.
                 findings = [tuple(_escaped(v) for v in row) for row in findings]
                 index = [tuple(_escaped(v) for v in row) for row in index]
                 knocks = [
@@ -426,18 +408,12 @@ class FindingStore:
                 ]
                 changes = [tuple(_escaped(v) for v in row) for row in changes]
                 escaped = True
-            except (
-                sqlite3.IntegrityError,
-                sqlite3.InterfaceError,
-                sqlite3.ProgrammingError,
-                ValueError,
-                TypeError,
-            ):
+            except self.db.errors.permanent:
                 # Not the disk's fault: retrying would wedge the writer on this batch.
                 logger.exception("store: %d records cannot be written; dropped", size)
                 self.dropped += size
                 break
-            except sqlite3.Error as e:  # locked, disk full, I/O error: keep them, retry
+            except self.db.errors.any as e:  # locked, disk full, I/O, connection: retry
                 attempt += 1
                 self.write_errors += 1
                 log = logger.error if attempt in (1, 10) or attempt % 100 == 0 else logger.debug
@@ -450,6 +426,11 @@ class FindingStore:
                 if self._stop.wait(min(self.retry_max_seconds, 0.1 * 2**attempt)):
                     logger.error("store: stopping with %d records unwritten: %s", size, e)
                     break
+                if db.broken:  # PostgreSQL restarted, the network: a new connection
+                    try:
+                        db.reopen()
+                    except self.db.errors.any as again:
+                        logger.debug("store: reconnecting failed: %s", again)
         with self._flushed:
             self._pending -= size
             self._flushed.notify_all()
@@ -461,7 +442,7 @@ _ENDPOINT = FINDING_COLUMNS.index("endpoint")
 _ACTION = FINDING_COLUMNS.index("action")
 
 
-def _insert_findings(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+def _insert_findings(db: Connection, rows: list[tuple[object, ...]]) -> None:
     """One finding per event and rule between the edge and the homeserver's judges: an
     edge finding (it knows the delivering server) replaces theirs, and theirs is left out
     when one is recorded already (Synapse also asks again about an event it pulls) — but
@@ -514,14 +495,8 @@ def query_findings(
     sql += " ORDER BY ts"
     rows: list[dict[str, Any]] = []
     for path in paths:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.row_factory = sqlite3.Row
-            rows.extend(dict(r) for r in conn.execute(sql, params))
-        except sqlite3.OperationalError as e:
-            raise ValueError(f"{path}: {e}") from None
-        finally:
-            conn.close()
+        with reading(path) as conn:
+            rows.extend(conn.dicts(sql, params))
     rows.sort(key=lambda r: r["ts"])
     if limit is not None:
         rows = rows[-limit:]
@@ -554,23 +529,18 @@ def query_knocks(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY k.last_seen DESC"
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(sql, params)]
-    except sqlite3.OperationalError as e:
-        raise ValueError(f"{path}: {e}") from None
-    finally:
-        conn.close()
+    with reading(path) as conn:
+        return conn.dicts(sql, params)
 
 
 def decide_knock(path: str, room_id: str, server: str, status: str, reason: str | None) -> None:
     """Record an approval or denial (a server never seen knocking gets a row too)."""
     now = time.time()
-    db = open_database(path)
+    database = open_db(path)
+    database.migrate()
+    db = database.connect()
     try:
-        ensure_schema(db)
-        with db:
+        with db.transaction():
             db.execute(
                 "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, status, "
                 "decided_at, reason) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
@@ -582,18 +552,11 @@ def decide_knock(path: str, room_id: str, server: str, status: str, reason: str 
         db.close()
 
 
-def _read_only(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-
-
 def latest_ids(path: str) -> tuple[int, int]:
     """The newest state change's and finding's row IDs (0 when none)."""
-    conn = _read_only(path)
-    try:
-        (change,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM state_changes").fetchone()
-        (finding,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM findings").fetchone()
-    finally:
-        conn.close()
+    with reading(path, timeout=1) as conn:
+        (change,) = conn.one("SELECT COALESCE(MAX(id), 0) FROM state_changes") or (0,)
+        (finding,) = conn.one("SELECT COALESCE(MAX(id), 0) FROM findings") or (0,)
     return int(change), int(finding)
 
 
@@ -611,13 +574,90 @@ def news_after(
         "AND event_id IS NOT NULL AND room_id IS NOT NULL AND sender_server IS NOT NULL "
         "ORDER BY id LIMIT ?"
     )
-    conn = _read_only(path)
-    try:
-        changes = conn.execute(
+    with reading(path, timeout=1) as conn:
+        changes = conn.tuples(
             "SELECT id, room_id, event_type, state_key FROM state_changes WHERE id > ? "
             "ORDER BY id LIMIT ?",
             (last_change, limit),
-        ).fetchall()
-        return changes, conn.execute(refusals, (last_finding, *wanted, limit)).fetchall()
-    finally:
-        conn.close()
+        )
+        return changes, conn.tuples(refusals, (last_finding, *wanted, limit))
+
+
+# What `modgud db migrate-to` copies, table by table, in the order of their keys; the
+# row IDs of findings and state changes too (the edge follows them as news).
+_STATE_CHANGE_COLUMNS = ("id", "ts", "room_id", "event_type", "state_key", "event_id")
+COPIED_TABLES = ("findings", "knocks", "state_changes", "events")
+_COPY_FINDINGS = "SELECT id, " + ", ".join(FINDING_COLUMNS) + " FROM findings ORDER BY id"  # noqa: S608
+_PASTE_FINDINGS = f"INSERT INTO findings (id, {', '.join(FINDING_COLUMNS)}) VALUES (?, {', '.join('?' for _ in FINDING_COLUMNS)})"  # noqa: S608, E501
+_COPY_KNOCKS = "SELECT " + ", ".join(KNOCK_COLUMNS) + " FROM knocks ORDER BY room_id, server"  # noqa: S608
+_PASTE_KNOCKS = f"INSERT INTO knocks ({', '.join(KNOCK_COLUMNS)}) VALUES ({', '.join('?' for _ in KNOCK_COLUMNS)})"  # noqa: S608, E501
+_COPY_CHANGES = "SELECT " + ", ".join(_STATE_CHANGE_COLUMNS) + " FROM state_changes ORDER BY id"  # noqa: S608
+_PASTE_CHANGES = f"INSERT INTO state_changes ({', '.join(_STATE_CHANGE_COLUMNS)}) VALUES ({', '.join('?' for _ in _STATE_CHANGE_COLUMNS)})"  # noqa: S608, E501
+_COPY_EVENTS = "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM events ORDER BY room_id, content_hash"  # noqa: S608
+_PASTE_EVENTS = f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"  # noqa: S608, E501
+# Identity columns given explicitly: the next generated ID goes on after the copied ones.
+_RESEQUENCE_FINDINGS = (
+    "SELECT setval(pg_get_serial_sequence('findings', 'id'), "
+    "(SELECT COALESCE(MAX(id), 0) + 1 FROM findings), false)"
+)
+_RESEQUENCE_CHANGES = (
+    "SELECT setval(pg_get_serial_sequence('state_changes', 'id'), "
+    "(SELECT COALESCE(MAX(id), 0) + 1 FROM state_changes), false)"
+)
+COPY_CHUNK = 5_000
+
+
+def copy_records(source: str, target: str, chunk: int = COPY_CHUNK) -> list[tuple[str, int, int]]:
+    """Copy every record of the database `source` into `target` (say an SQLite file into
+    PostgreSQL, for replicas): `target` is brought to the latest schema first and must
+    hold no records. Returns (table, rows in source, rows in target) once done; a failure
+    leaves `target`'s copy of that table rolled back. Raises DatabaseError."""
+    into = open_db(target)
+    into.migrate()
+    counts: list[tuple[str, int, int]] = []
+    with reading(source, timeout=30) as src:
+        dst = into.connect()
+        try:
+            for table in COPIED_TABLES:
+                counts.append((table, *_copy_table(src, dst, into, table, chunk)))
+        except into.errors.any as e:
+            raise DatabaseError(f"{into.describe()}: {e}") from None
+        finally:
+            dst.close()
+    return counts
+
+
+def _copy_table(
+    src: Connection, dst: Connection, into: Database, table: str, chunk: int
+) -> tuple[int, int]:
+    """One table: (rows in the source, rows in the target after)."""
+    resequence = ""
+    if table == "findings":
+        copy = _COPY_FINDINGS
+        paste = _PASTE_FINDINGS
+        count = "SELECT COUNT(*) FROM findings"
+        resequence = _RESEQUENCE_FINDINGS
+    elif table == "knocks":
+        copy = _COPY_KNOCKS
+        paste = _PASTE_KNOCKS
+        count = "SELECT COUNT(*) FROM knocks"
+    elif table == "state_changes":
+        copy = _COPY_CHANGES
+        paste = _PASTE_CHANGES
+        count = "SELECT COUNT(*) FROM state_changes"
+        resequence = _RESEQUENCE_CHANGES
+    else:
+        copy = _COPY_EVENTS
+        paste = _PASTE_EVENTS
+        count = "SELECT COUNT(*) FROM events"
+    if (dst.one(count) or (0,))[0]:
+        raise DatabaseError(f"{into.describe()} already holds {table}: copy into an empty one")
+    cursor = src.raw.execute(copy)
+    copied = 0
+    with dst.transaction():
+        while rows := cursor.fetchmany(chunk):
+            dst.executemany(paste, rows)
+            copied += len(rows)
+        if resequence and into.engine == "postgresql":
+            dst.one(resequence)
+    return copied, int((dst.one(count) or (0,))[0])

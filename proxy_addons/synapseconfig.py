@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy_addons.config import Config, ConfigError, YamlMapping, is_loopback, read_yaml
+from proxy_addons.database import is_postgres, open_db
 
 __all__ = ["MODULE_CLASS", "HomeserverModules", "homeserver_modules", "module_snippet"]
 
@@ -23,15 +24,25 @@ def module_snippet(config: Config, *, mode: str | None = None) -> str:
     """The `modules:` entry for homeserver.yaml, with what the operator must know around it
     as comments. `mode`: the module's own mode (audit, to trial it beside the hook)."""
     path = str(Path(config.path).resolve())
-    database = Path(config.database)
     distribution = MODULE_DISTRIBUTION if MODULE_DISTRIBUTION.is_dir() else "synapse_module"
     lines = [
         f"# modgud inside Synapse, for {config.server_name} ({path}).",
         "# Install it first, with the pip of Synapse's virtualenv, from the modgud checkout:",
-        f"#   /path/to/synapse-venv/bin/pip install {distribution}",
-        f"# Synapse's user reads {path} and writes the database {database}",
-        f"# (and its directory {database.parent}, for SQLite's journal); no admin token is used.",
     ]
+    if is_postgres(config.database):
+        lines += [
+            f"#   /path/to/synapse-venv/bin/pip install '{distribution}[postgresql]'",
+            f"# Synapse's user reads {path}; every Synapse process writes findings to the",
+            f"# {open_db(config.database).describe()}; no admin token is used.",
+        ]
+    else:
+        database = Path(config.database)
+        lines += [
+            f"#   /path/to/synapse-venv/bin/pip install {distribution}",
+            f"# Synapse's user reads {path} and writes the database {database}",
+            f"# (and its directory {database.parent}, for SQLite's journal); no admin token "
+            "is used.",
+        ]
     if config.hook is not None:
         lines += [
             f"# modgud.yaml also opens the HTTP hook ({config.hook}): remove any",

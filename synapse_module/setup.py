@@ -18,7 +18,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PACKAGE = "modgud_synapse"
 # The mitmproxy-free parts of proxy_addons the module uses (besides all of rules/).
-SHARED = ("config", "eventindex", "metrics", "operatorpolicy", "recording", "sources", "store")
+SHARED = (
+    "config",
+    "database",
+    "eventindex",
+    "metrics",
+    "operatorpolicy",
+    "recording",
+    "sources",
+    "store",
+)
 FORBIDDEN = ("mitmproxy", "aiohttp")
 
 _IMPORT = re.compile(r"^(\s*)(from|import)\s+(rules|proxy_addons)((?:\.\w+)*)(\s|$)", re.M)

@@ -102,10 +102,10 @@ class ModgudModule:
         try:
             # Started with the first finding: Synapse may still fork (daemonize).
             self.store = FindingStore(config.database, start=False)
-        except Exception as e:  # noqa: BLE001 - sqlite3 and OS errors alike
+        except Exception as e:  # noqa: BLE001 - the engines' and OS errors alike
+            # DatabaseError names the database (never a PostgreSQL password).
             raise ConfigError(
-                f"modgud: cannot open the findings database {config.database} "
-                f"(database in {config.path}): {e}"
+                f"modgud: cannot open the findings database (database in {config.path}): {e}"
             ) from None
         metrics = ModuleMetrics(REGISTRY, servers=config.metrics_servers)
         metrics.set_build(config.mode.value, distribution="modgud-synapse")
@@ -136,7 +136,7 @@ class ModgudModule:
             config.mode.value,
             config.server_name,
             config.on_error,
-            config.database,
+            self.store.db.describe(),
         )
 
     # -- Synapse's callbacks ---------------------------------------------------------------

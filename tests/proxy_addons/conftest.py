@@ -23,6 +23,7 @@ from rules.eventhash import compute_content_hash, encode_unpadded_base64
 from rules.roomstate import RoomPolicy
 from rules.roomversion import get_room_version
 from rules.xmatrix import sign_request
+from tests.pg import pg_url, postgres  # noqa: F401 - fixtures: a real PostgreSQL
 
 LOCAL = "hs.test"
 ROOM = "!room:hs.test"

@@ -240,6 +240,8 @@ def test_shipped_example_config_is_valid(tmp_path):
     example = Path(__file__).resolve().parents[2] / "docs" / "modgud.example.yaml"
     path = tmp_path / "modgud.yaml"
     shutil.copy(example, path)
+    # check-config opens the database: /var/lib/modgud is not on a test machine.
+    path.write_text(path.read_text().replace("/var/lib/modgud/modgud.db", "modgud.db"))
     for name in ("fullchain.pem", "privkey.pem", "hook.token", "admin.token", "moderator.token"):
         (tmp_path / name).write_text("x")
     (tmp_path / "homeserver.signing.key").write_text("ed25519 a_key " + "A" * 43 + "\n")
@@ -279,3 +281,27 @@ def test_a_key_without_a_value_is_its_default(tmp_path):
     """`listen:` with nothing under it (a section emptied by hand) reads as absent."""
     config = load_config(write(tmp_path, MINIMAL + "listen:\nstate:\n"))
     assert str(config.inbound) == "0.0.0.0:8448" and config.state_ttl_seconds == 300
+
+
+def test_database_is_a_path_or_a_postgresql_url(tmp_path):
+    """An SQLite path is the config directory's; a postgresql:// URL is kept as it is; any
+    other URL, or one without a database name, is an error naming the key and line."""
+    base = "server_name: hs.test\nupstream: http://127.0.0.1:8008\n"
+    path = tmp_path / "modgud.yaml"
+    path.write_text(base + "database: data/m.db\n")
+    assert load_config(path).database == str(tmp_path / "data" / "m.db")
+    url = "postgresql://modgud:secret@db.example:5433/modgud?sslmode=require"
+    path.write_text(base + f"database: {url}\n")
+    config = load_config(path)
+    assert config.database == url
+    assert config.outbound_ca_dir == str(tmp_path / "ca")
+    for bad, why in (
+        ("mysql://u@h/db", "not a database modgud speaks"),
+        ("postgresql://u@h", "names no database"),
+        ("''", "empty"),
+    ):
+        path.write_text(base + f"database: {bad}\n")
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        message = str(raised.value)
+        assert why in message and "database" in message and ":3" in message, message

@@ -1,10 +1,24 @@
-"""The findings store: batched writes, WAL, queries across replicas."""
+"""The findings store: batched writes, WAL, queries across replicas. The tests that take
+`target` run on both engines: an SQLite file and a database on a real PostgreSQL
+(tests/pg.py); those about SQLite's own failures (a lock, a full disk, old files) on
+SQLite only."""
 
 import sqlite3
 import time
 from dataclasses import replace
 
+import pytest
+
+from proxy_addons.database import open_db
 from proxy_addons.store import FINDING_COLUMNS, FindingRecord, FindingStore, query_findings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where the store writes: an SQLite path, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "m.db")
+    return request.getfixturevalue("pg_url")
 
 
 def record(ts, rule="acl.sender", room="!r:x", action="dropped"):
@@ -28,13 +42,14 @@ def record(ts, rule="acl.sender", room="!r:x", action="dropped"):
     )
 
 
-def test_records_are_committed_and_queryable(tmp_path):
+def test_records_are_committed_and_queryable(target):
     """Recorded findings are in SQLite after flush, in WAL mode, filterable by room/rule/time."""
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db, flush_interval=0.05)
     store.record([record(1.0), record(2.0, rule="acl.origin"), record(3.0, room="!other:x")])
     assert store.flush(5)
-    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if store.db.engine == "sqlite":
+        assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rows = list(query_findings([db]))
     assert [r["ts"] for r in rows] == [1.0, 2.0, 3.0]
     assert [r["ts"] for r in query_findings([db], room="!other:x")] == [3.0]
@@ -44,9 +59,9 @@ def test_records_are_committed_and_queryable(tmp_path):
     store.close()
 
 
-def test_close_writes_everything_queued(tmp_path):
+def test_close_writes_everything_queued(target):
     """close() commits what is still queued: nothing recorded is lost on a clean stop."""
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db, flush_interval=10)
     store.record([record(float(i)) for i in range(500)])
     store.close()
@@ -64,9 +79,9 @@ def test_several_replica_databases_merge_in_time_order(tmp_path):
     assert [r["ts"] for r in query_findings([a, b], limit=2)] == [3.0, 4.0]
 
 
-def test_sql_values_are_parameters(tmp_path):
+def test_sql_values_are_parameters(target):
     """A hostile room filter is a value, not SQL."""
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db)
     store.record([record(1.0)])
     store.close()
@@ -166,11 +181,11 @@ def test_beyond_max_pending_index_rows_yield_first_and_are_counted(tmp_path):
     store.close()
 
 
-def test_a_record_sqlite_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path):
+def test_a_record_sqlite_cannot_take_is_dropped_and_the_writer_lives_on(target):
     """A record SQLite refuses (a value it cannot bind, which no code path should make)
     costs its batch, counted in `dropped`, and never the writer thread: the next records
     are written."""
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db, flush_interval=0.02)
     store.record([replace(record(1.0), detail=object())])
     assert store.flush(5)
@@ -181,12 +196,12 @@ def test_a_record_sqlite_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path
     store.close()
 
 
-def test_text_with_lone_surrogates_is_stored_escaped(tmp_path):
+def test_text_with_lone_surrogates_is_stored_escaped(target):
     """Text from traffic may hold lone surrogates, which SQLite (UTF-8) cannot take: the
     writer escapes the batch that failed and writes it, findings and index rows alike."""
     from proxy_addons.eventindex import IndexBatch, lookup_events
 
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db, flush_interval=0.02)
     row = ("!\ud800:x", "h\udcff", "$\ud800", "a", "b", "b", "inbound", "send", 1.0, 1.0)
     store.record([replace(record(1.0), detail="d \ud800"), IndexBatch([row])])
@@ -200,35 +215,37 @@ def test_text_with_lone_surrogates_is_stored_escaped(tmp_path):
 def index_rows(db, rows):
     """Event-index rows (room, content hash, last seen) written straight into the table."""
     from proxy_addons.eventindex import UPSERT
-    from proxy_addons.store import ensure_schema, open_database
 
-    database = open_database(db)
-    ensure_schema(database)
-    with database:
-        database.executemany(
-            UPSERT,
-            [
-                (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
-                for room, h, seen in rows
-            ],
-        )
-    database.close()
-
-
-def index_hashes(db):
-    conn = sqlite3.connect(db)
+    database = open_db(db)
+    database.migrate()
+    conn = database.connect()
     try:
-        return sorted(h for (h,) in conn.execute("SELECT content_hash FROM events"))
+        with conn.transaction():
+            conn.executemany(
+                UPSERT,
+                [
+                    (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
+                    for room, h, seen in rows
+                ],
+            )
     finally:
         conn.close()
 
 
-def test_index_rows_older_than_the_retention_are_pruned_at_start_and_counted(tmp_path):
+def index_hashes(db):
+    conn = open_db(db).connect(read_only=True)
+    try:
+        return sorted(h for (h,) in conn.tuples("SELECT content_hash FROM events"))
+    finally:
+        conn.close()
+
+
+def test_index_rows_older_than_the_retention_are_pruned_at_start_and_counted(target):
     """Rows last seen before the retention window go (also those that aged while modgud
     was down: the first pass runs at start); rows seen since stay, whenever first seen."""
     import time
 
-    db = str(tmp_path / "m.db")
+    db = target
     now = time.time()
     day = 86_400
     index_rows(db, [("!r:x", "old", now - 31 * day), ("!r:x", "older", now - 400 * day)])
@@ -244,10 +261,10 @@ def test_index_rows_older_than_the_retention_are_pruned_at_start_and_counted(tmp
         store.close()
 
 
-def test_no_retention_keeps_every_index_row(tmp_path):
+def test_no_retention_keeps_every_index_row(target):
     import time
 
-    db = str(tmp_path / "m.db")
+    db = target
     index_rows(db, [("!r:x", "ancient", 1.0)])
     store = FindingStore(db, flush_interval=0.02)  # index_retention_seconds=0: for ever
     store.record([record(1.0)])
@@ -257,7 +274,7 @@ def test_no_retention_keeps_every_index_row(tmp_path):
     assert store.pruned == 0 and index_hashes(db) == ["ancient"]
 
 
-def test_a_long_prune_lets_queued_records_in_between_its_passes(tmp_path, monkeypatch):
+def test_a_long_prune_lets_queued_records_in_between_its_passes(target, monkeypatch):
     """Pruning goes a chunk per commit and a few chunks per pass: records queued meanwhile
     are written between passes, and the passes go on until nothing old is left."""
     import time
@@ -266,7 +283,7 @@ def test_a_long_prune_lets_queued_records_in_between_its_passes(tmp_path, monkey
 
     monkeypatch.setattr(store_module, "PRUNE_CHUNK", 3)
     monkeypatch.setattr(store_module, "PRUNE_CHUNKS", 2)
-    db = str(tmp_path / "m.db")
+    db = target
     index_rows(
         db, [("!r:x", f"old{i:02}", 1.0) for i in range(20)] + [("!r:x", "kept", time.time())]
     )
@@ -294,11 +311,11 @@ def test_a_long_prune_lets_queued_records_in_between_its_passes(tmp_path, monkey
         store.close()
 
 
-def test_one_finding_per_event_and_rule_the_edges_kept(tmp_path):
+def test_one_finding_per_event_and_rule_the_edges_kept(target):
     """The edge and the homeserver's judges (hook, Synapse module) may each record the same
     event and rule: one row stays, the edge's (it names who delivered the event), whichever
     was written first — the writers are separate processes, so either order happens."""
-    db = str(tmp_path / "m.db")
+    db = target
     edge = replace(record(1.0), event_id="$a")
     module = replace(record(2.0), event_id="$a", endpoint="module", attributed_to=None)
     store = FindingStore(db, flush_interval=0.02)
@@ -327,10 +344,10 @@ def test_one_finding_per_event_and_rule_the_edges_kept(tmp_path):
     store.close()
 
 
-def test_homeserver_judges_record_an_event_once(tmp_path):
+def test_homeserver_judges_record_an_event_once(target):
     """Synapse asks about an event again when it pulls it again: one finding stays, also
     within one batch and from several Synapse processes."""
-    db = str(tmp_path / "m.db")
+    db = target
     module = replace(record(1.0), event_id="$a", endpoint="module", attributed_to=None)
     first, second = FindingStore(db, flush_interval=0.02), FindingStore(db, flush_interval=0.02)
     first.record([module, module])
@@ -341,10 +358,10 @@ def test_homeserver_judges_record_an_event_once(tmp_path):
     second.close()
 
 
-def test_a_judges_refusal_replaces_another_judges_flag(tmp_path):
+def test_a_judges_refusal_replaces_another_judges_flag(target):
     """The module in audit beside the enforcing hook: the hook's `dropped` is what stays
     (whichever is written first), and a later flag does not replace it."""
-    db = str(tmp_path / "m.db")
+    db = target
     flagged = replace(record(1.0), event_id="$a", endpoint="module", action="flagged")
     dropped = replace(record(1.0), event_id="$a", endpoint="hook", action="dropped")
     store = FindingStore(db, flush_interval=0.02)
@@ -355,12 +372,12 @@ def test_a_judges_refusal_replaces_another_judges_flag(tmp_path):
     store.close()
 
 
-def test_lazy_writer_starts_with_the_first_record_and_after_a_fork(tmp_path):
+def test_lazy_writer_starts_with_the_first_record_and_after_a_fork(target):
     """start=False: no thread until something is recorded (a process that forks after
     building the store keeps a working writer); what is recorded is written."""
     import os
 
-    db = str(tmp_path / "m.db")
+    db = target
     store = FindingStore(db, flush_interval=0.02, start=False)
     assert store._thread is None
     pid = os.fork()
@@ -398,23 +415,25 @@ def test_a_database_of_an_earlier_version_opens_and_gains_the_new_index(tmp_path
     assert {"idx_findings_ts", "idx_findings_event_id"} <= indexes
 
 
-def test_the_findings_table_has_every_column():
+def test_the_findings_table_has_every_column(target):
     """The schema's CREATE TABLE is spelled out; it names every column records carry."""
-    from proxy_addons.store import SCHEMA
+    database = open_db(target)
+    database.migrate()
+    conn = database.connect()
+    try:
+        cursor = conn.raw.execute("SELECT * FROM findings WHERE 1 = 0")
+        assert [d[0] for d in cursor.description] == ["id", *FINDING_COLUMNS]
+    finally:
+        conn.close()
 
-    conn = sqlite3.connect(":memory:")
-    conn.execute(SCHEMA[0])
-    columns = [r[1] for r in conn.execute("PRAGMA table_info(findings)")]
-    assert columns == ["id", *FINDING_COLUMNS]
 
-
-def test_index_rows_wait_for_the_interval_and_findings_wake_the_writer(tmp_path):
+def test_index_rows_wait_for_the_interval_and_findings_wake_the_writer(target):
     """Every transaction brings index rows: they do not wake the writer (each wake cost
     the event loop a thread hand-over); a finding, which people and other processes wait
     for, is written at once, with the rows queued before it."""
     from proxy_addons.eventindex import IndexBatch
 
-    store = FindingStore(str(tmp_path / "f.db"), flush_interval=30.0)
+    store = FindingStore(target, flush_interval=30.0)
     try:
         row = ("!r:x", "h", None, "a", "b", "b", "inbound", "send", 1, 1)
         time.sleep(0.2)  # the writer is waiting
@@ -426,6 +445,6 @@ def test_index_rows_wait_for_the_interval_and_findings_wake_the_writer(tmp_path)
         while store.pending and time.monotonic() < deadline:
             time.sleep(0.01)
         assert store.pending == 0
-        assert len(list(query_findings([str(tmp_path / "f.db")]))) == 1
+        assert len(list(query_findings([target]))) == 1
     finally:
         store.close()
