@@ -9,6 +9,11 @@ after, as for a change the hook hears of), a policy-list room or space refreshes
 operator's policy, and an event refused for who wrote it joins the refused-event memory
 behind `leak.reference`. With the HTTP hook the edge hears of these itself; reading them
 again changes nothing.
+
+Replicas of modgud on one PostgreSQL database follow each other the same way: an event
+one replica's edge refused for who wrote it joins every replica's refused-event memory,
+and a state change recorded by any Synapse worker's module reaches every replica, within
+FOLLOW_SECONDS of its commit (the writer commits findings and state changes at once).
 """
 
 from __future__ import annotations
@@ -27,45 +32,95 @@ __all__ = ["FOLLOW_SECONDS", "ChangeFollower"]
 logger = logging.getLogger(__name__)
 
 FOLLOW_SECONDS = 0.5
+# Rows are followed by ID, and on PostgreSQL several writers (replicas, Synapse workers)
+# commit concurrently: a row may become visible after one with a higher ID. Each read
+# looks this many IDs back, and rows already applied are skipped.
+LOOKBACK_IDS = 5000
+
+
+class _Seen:
+    """IDs applied, the newest, and how far back they are remembered; nothing at or
+    below `start` (what was recorded before the follower began) counts as news."""
+
+    def __init__(self) -> None:
+        self.last = self.start = 0
+        self.ids: set[int] = set()
+
+    def begin_at(self, row_id: int) -> None:
+        self.last = self.start = row_id
+
+    def since(self) -> int:
+        return max(self.start, self.last - LOOKBACK_IDS)
+
+    def first_time(self, row_id: int) -> bool:
+        if row_id in self.ids or row_id <= self.since():
+            return False
+        self.ids.add(row_id)
+        if row_id > self.last:
+            self.last = row_id
+            if len(self.ids) > 2 * LOOKBACK_IDS:
+                floor = self.since()
+                self.ids = {i for i in self.ids if i > floor}
+        return True
 
 
 class ChangeFollower:
     def __init__(self, runtime: Runtime, interval: float = FOLLOW_SECONDS) -> None:
         self.runtime = runtime
         self.interval = interval
-        self.last_change = self.last_finding = 0
+        self._changes = _Seen()
+        self._findings = _Seen()
         self._rules = [str(r) for r in AUTHOR_REFUSED]
+
+    @property
+    def last_change(self) -> int:
+        return self._changes.last
+
+    @property
+    def last_finding(self) -> int:
+        return self._findings.last
 
     def start_at_the_end(self) -> None:
         """Begin with what is recorded from now on (what came before is in the state
         modgud fetches anyway, and the refused events reloaded at start)."""
         try:
-            self.last_change, self.last_finding = latest_ids(self.runtime.config.database)
+            last_change, last_finding = latest_ids(self.runtime.config.database)
         except DatabaseError as e:
             logger.warning("the database's news cannot be read yet: %s", e)
+            return
+        self._changes.begin_at(last_change)
+        self._findings.begin_at(last_finding)
 
     def read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """What was recorded since the last poll: state changes and refusals."""
         return news_after(
-            self.runtime.config.database, self.last_change, self.last_finding, self._rules
+            self.runtime.config.database,
+            self._changes.since(),
+            self._findings.since(),
+            self._rules,
         )
 
-    def apply(self, changes: list[tuple[Any, ...]], refusals: list[tuple[Any, ...]]) -> None:
+    def apply(self, changes: list[tuple[Any, ...]], refusals: list[tuple[Any, ...]]) -> int:
+        """Act on what is news among the rows read; how many were."""
         runtime = self.runtime
+        news = 0
         for row_id, room_id, event_type, _state_key in changes:
-            self.last_change = row_id
+            if not self._changes.first_time(row_id):
+                continue
+            news += 1
             runtime.mark_stale(room_id)
             if runtime.policy.watches(room_id, event_type):
                 runtime.policy.mark_stale()
         for row_id, room_id, event_id, author in refusals:
-            self.last_finding = row_id
-            runtime.refused.add(room_id, event_id, author)
+            if self._findings.first_time(row_id):
+                news += 1
+                runtime.refused.add(room_id, event_id, author)
+        return news
 
     def poll(self) -> int:
-        """Read and apply what was recorded since the last poll; how many rows."""
+        """Read and apply what was recorded since the last poll; how many rows were news."""
         changes, refusals = self.read()
-        self.apply(changes, refusals)
-        return len(changes) + len(refusals)
+        return self.apply(changes, refusals)
 
     async def run(self) -> None:
         """Poll until cancelled; the reads run on a thread (SQLite never waits for a

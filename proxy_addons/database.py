@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -230,6 +231,16 @@ class Database:
     def connect(self, *, read_only: bool = False, timeout: float = 30.0) -> Connection:
         raise NotImplementedError
 
+    @contextmanager
+    def reader(self, timeout: float = 5.0) -> Iterator[Connection]:
+        """A connection for a few reads, given back after (SQLite: a new read-only one,
+        cheap; PostgreSQL: one of a small pool, since the edge reads every half second)."""
+        conn = self.connect(read_only=True, timeout=timeout)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -384,6 +395,8 @@ class PostgresDatabase(Database):
         import psycopg  # noqa: PLC0415 - only for a PostgreSQL URL (not inside Synapse's SQLite)
 
         self._psycopg = psycopg
+        self._pool: Any = None
+        self._lock = threading.Lock()
         self.errors = DatabaseErrors(
             any=(psycopg.Error,),
             unstorable=(UnicodeEncodeError, psycopg.DataError),
@@ -406,6 +419,28 @@ class PostgresDatabase(Database):
             return raw
 
         return Connection(opener, respell=True)
+
+    @contextmanager
+    def reader(self, timeout: float = 5.0) -> Iterator[Connection]:
+        with self._lock:
+            if self._pool is None:
+                from psycopg_pool import ConnectionPool  # noqa: PLC0415 - PostgreSQL only
+
+                self._pool = ConnectionPool(
+                    self.target,
+                    min_size=1,
+                    max_size=4,
+                    kwargs={"autocommit": True},
+                    # A connection PostgreSQL dropped (a restart) is replaced, not lent.
+                    check=ConnectionPool.check_connection,
+                    max_idle=60.0,
+                    timeout=timeout,
+                    name="modgud-readers",
+                    open=True,
+                )
+            pool = self._pool
+        with pool.connection(timeout=timeout) as raw:
+            yield Connection(lambda: raw, respell=True)
 
     def describe(self) -> str:
         parts = urlsplit(self.target)
@@ -456,20 +491,17 @@ def reading(target: str, timeout: float = 5.0) -> Iterator[Connection]:
     errors raised as DatabaseError naming the database."""
     db = open_db(target)
     try:
-        conn = db.connect(read_only=True, timeout=timeout)
+        with db.reader(timeout) as conn:
+            yield conn
     except db.errors.any as e:
         raise DatabaseError(f"{db.describe()}: {e}") from None
-    try:
-        yield conn
-    except db.errors.any as e:
-        raise DatabaseError(f"{db.describe()}: {e}") from None
-    finally:
-        conn.close()
 
 
+@lru_cache(maxsize=64)
 def open_db(target: str) -> Database:
-    """The database `target` names: a postgresql:// URL, else an SQLite path. Raises
-    DatabaseError for a PostgreSQL URL when psycopg is not installed."""
+    """The database `target` names: a postgresql:// URL, else an SQLite path (one object
+    per target in a process: it holds PostgreSQL's pool of readers). Raises DatabaseError
+    for a PostgreSQL URL when psycopg is not installed."""
     if is_postgres(target):
         try:
             return PostgresDatabase(target)

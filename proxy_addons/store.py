@@ -564,13 +564,14 @@ def news_after(
     path: str, last_change: int, last_finding: int, rules: Iterable[str], limit: int = 10_000
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """What was recorded after the given rows, in one read: state changes (id, room_id,
-    event_type, state_key), and the findings the homeserver's judges (hook, module)
-    recorded with one of `rules` and an event ID (id, room_id, event_id, sender_server)."""
+    event_type, state_key), and the findings with one of `rules` and an event ID, whoever
+    recorded them — the homeserver's judges (hook, module) or any replica's edge — as
+    (id, room_id, event_id, sender_server)."""
     wanted = list(rules)
     marks = ", ".join("?" for _ in wanted)
     refusals = (
         "SELECT id, room_id, event_id, sender_server FROM findings "  # noqa: S608 - marks only
-        f"WHERE id > ? AND endpoint IN ({_JUDGES}) AND rule IN ({marks}) "
+        f"WHERE id > ? AND rule IN ({marks}) "
         "AND event_id IS NOT NULL AND room_id IS NOT NULL AND sender_server IS NOT NULL "
         "ORDER BY id LIMIT ?"
     )

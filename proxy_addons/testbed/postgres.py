@@ -104,6 +104,8 @@ class Postgres:
             *("-k", str(self.workdir / "sock"), "-p", str(self.port)),
             *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
             *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+            # A database per test, each with its writer and a pool of readers.
+            *("-c", "max_connections=400"),
         ]
         done = self._run(
             self.binary("pg_ctl"),

@@ -448,3 +448,22 @@ def test_index_rows_wait_for_the_interval_and_findings_wake_the_writer(target):
         assert len(list(query_findings([target]))) == 1
     finally:
         store.close()
+
+
+def test_the_first_delivery_across_replicas_is_the_earliest(target):
+    """Replicas batch their index rows and write them in any order: the event's first
+    deliverer is the earliest delivery by time, and every deliverer is listed once."""
+    from proxy_addons.eventindex import IndexBatch, lookup_events
+
+    def delivery(origin, seen):
+        return ("!r:x", "h", None, "a.test", origin, origin, "inbound", "send", seen, seen)
+
+    late, early = FindingStore(target), FindingStore(target)
+    late.record([IndexBatch([delivery("late.test", 20.0)])])
+    late.close()
+    early.record([IndexBatch([delivery("early.test", 10.0)])])
+    early.close()
+    row = lookup_events(target, "!r:x", ["h"])["h"]
+    assert row["first_origin"] == "early.test"
+    assert (row["first_seen"], row["last_seen"], row["deliveries"]) == (10.0, 20.0, 2)
+    assert row["delivered_by"] == "late.test,early.test"
