@@ -35,7 +35,7 @@ $(SYNAPSE_VENV)/.stamp:
 # carries rules/ and the shared parts of proxy_addons/, so it is redone when they change).
 MODULE_SOURCES := $(wildcard synapse_module/*.py synapse_module/*.toml synapse_module/modgud_synapse/*.py rules/*.py proxy_addons/*.py)
 $(SYNAPSE_VENV)/.module-stamp: $(SYNAPSE_VENV)/.stamp $(MODULE_SOURCES)
-	$(SYNAPSE_VENV)/bin/pip install -q ./synapse_module
+	$(SYNAPSE_VENV)/bin/pip install -q './synapse_module[postgresql]'
 	@rm -rf synapse_module/build synapse_module/*.egg-info
 	@touch $@
 
@@ -70,14 +70,15 @@ unit: venv
 	$(PY) -m pytest -q -m 'not e2e and not slow' $(PYTEST_ARGS)
 
 ## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline,
-## a 1-PDU /send's latency at the edge, a real Synapse behind modgud against behind nginx.
+## a 1-PDU /send's latency at the edge, a real Synapse behind modgud against behind nginx,
+## the store's writer on SQLite and on PostgreSQL.
 ## Ends with one table of every figure against its target.
 bench: venv synapse deps
 	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
 	  export BENCH_RESULTS=$$(mktemp); \
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
 	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.latency && \
-	  $(PY) -m tests.bench.synapse && \
+	  $(PY) -m tests.bench.synapse && $(PY) -m tests.bench.store && \
 	  $(PY) -m tests.bench.results $$BENCH_RESULTS
 
 ## Fuzz (docs/RELIABILITY.md): every parser and addon, a fixed seed, 4,000 cases per test

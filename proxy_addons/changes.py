@@ -12,8 +12,10 @@ again changes nothing.
 
 Replicas of modgud on one PostgreSQL database follow each other the same way: an event
 one replica's edge refused for who wrote it joins every replica's refused-event memory,
-and a state change recorded by any Synapse worker's module reaches every replica, within
-FOLLOW_SECONDS of its commit (the writer commits findings and state changes at once).
+and a state change recorded by any Synapse worker's module reaches every replica as it
+commits: the writer commits findings and state changes at once and announces them
+(NOTIFY), the followers LISTEN. Without a notification (SQLite) they poll every
+FOLLOW_SECONDS.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import asyncio
 import logging
 from typing import Any
 
-from proxy_addons.database import DatabaseError
+from proxy_addons.database import DatabaseError, open_db
 from proxy_addons.leaks import AUTHOR_REFUSED
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import latest_ids, news_after
@@ -123,17 +125,23 @@ class ChangeFollower:
         return self.apply(changes, refusals)
 
     async def run(self) -> None:
-        """Poll until cancelled; the reads run on a thread (SQLite never waits for a
-        writer in WAL mode, but the disk or PostgreSQL's connection might)."""
+        """Follow until cancelled: read as soon as another process announces news
+        (PostgreSQL's LISTEN), or every `interval` (SQLite, or when nothing is heard);
+        the waits and reads run on a thread (SQLite never waits for a writer in WAL mode,
+        but the disk or PostgreSQL's connection might)."""
         await asyncio.to_thread(self.start_at_the_end)
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                changes, refusals = await asyncio.to_thread(self.read)
-            except DatabaseError as e:
-                logger.debug("reading the database's news failed, will try again: %s", e)
-                continue
-            except Exception:  # noqa: BLE001 - the follower must never die
-                logger.exception("reading the database's news failed")
-                continue
-            self.apply(changes, refusals)
+        news = open_db(self.runtime.config.database).news()
+        try:
+            while True:
+                await asyncio.to_thread(news.wait, self.interval)
+                try:
+                    changes, refusals = await asyncio.to_thread(self.read)
+                except DatabaseError as e:
+                    logger.debug("reading the database's news failed, will try again: %s", e)
+                    continue
+                except Exception:  # noqa: BLE001 - the follower must never die
+                    logger.exception("reading the database's news failed")
+                    continue
+                self.apply(changes, refusals)
+        finally:
+            news.close()

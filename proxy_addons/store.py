@@ -160,7 +160,9 @@ STATE_CHANGES_KEPT_SECONDS = 3600.0
 PRUNE_STATE_CHANGES = "DELETE FROM state_changes WHERE ts < ?"
 
 _FINDING_VALUES = ", ".join("?" for _ in FINDING_COLUMNS)
-INSERT_FINDING = f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) VALUES ({_FINDING_VALUES})"  # noqa: S608 - fixed names
+# An edge finding already recorded for the same event, rule and blamed server (a retry
+# through another replica) is not recorded again (the database's findings_once_per_edge).
+INSERT_FINDING = f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) VALUES ({_FINDING_VALUES}) ON CONFLICT DO NOTHING"  # noqa: S608, E501 - fixed names
 # A finding judged inside the homeserver, unless the same event and rule is recorded already.
 INSERT_FINDING_ONCE = (
     f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) SELECT {_FINDING_VALUES} "  # noqa: S608 - fixed names
@@ -389,6 +391,8 @@ class FindingStore:
                         db.execute(UPSERT_KNOCK, [k.room_id, k.server, k.ts, k.ts, k.policy_match])
                     if changes:
                         db.executemany(INSERT_STATE_CHANGE, changes)
+                    if findings or knocks or changes:
+                        self.db.announce(db)
                 if attempt:
                     logger.warning("store: wrote %d records after %d failures", size, attempt)
                 break

@@ -24,12 +24,22 @@ def nginx_binary() -> str | None:
 
 class Nginx:
     """`nginx` serving TLS on `port` for `upstream` (plain HTTP), and when `mirror` is
-    given, sending a copy of every federation request there (the README's sink setup)."""
+    given, sending a copy of every federation request there (the README's sink setup).
+    Several upstreams: round robin with passive health checks, as the README's replica
+    guide sets it up (a refused connection or a 502/503 tries the next one)."""
 
-    def __init__(self, workdir: Path, port: int, upstream: str, mirror: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        upstream: str | list[str],
+        mirror: str | None = None,
+    ):
         self.workdir = Path(workdir)
         self.port = port
-        self.upstream = upstream.rstrip("/")
+        upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
+        self.upstreams = [u.rstrip("/") for u in upstreams]
+        self.upstream = self.upstreams[0]
         self.mirror = mirror.rstrip("/") if mirror else None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -44,6 +54,10 @@ class Nginx:
             proxy_pass {self.mirror}$request_uri;
             proxy_set_header Host $host;
         }}"""
+        failover = " max_fails=1 fail_timeout=2s" if len(self.upstreams) > 1 else ""
+        servers = "\n        ".join(
+            f"server {u.split('://', 1)[1]}{failover};" for u in self.upstreams
+        )
         w = self.workdir
         user = "user root;" if os.geteuid() == 0 else ""  # workers write the temp paths here
         return f"""
@@ -61,7 +75,10 @@ http {{
     uwsgi_temp_path {w}/uwsgi;
     scgi_temp_path {w}/scgi;
     client_max_body_size 50m;
-    upstream homeserver {{ server {self.upstream.split("://", 1)[1]}; keepalive 32; }}
+    upstream homeserver {{
+        {servers}
+        keepalive 32;
+    }}
     server {{
         listen 127.0.0.1:{self.port} ssl;
         ssl_certificate {cert};
@@ -72,6 +89,7 @@ http {{
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_pass http://homeserver;
+            proxy_next_upstream error timeout http_502 http_503;
         }}{mirror_location}
     }}
 }}

@@ -1,7 +1,8 @@
 """A real PostgreSQL server (Debian's package) on loopback, for the tests of the storage that
 runs on it: a throwaway cluster made by `initdb` in its work directory and run by `pg_ctl`,
 never the system's service. Real because SQL dialect, locking and transactions are what
-the tests are about; durability is turned off (fsync, synchronous commit) for speed."""
+the tests are about; durability is turned off (fsync, synchronous commit) for speed,
+unless `durable` (the benchmarks)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ class Postgres:
     `workdir/sock`), user `postgres` with trust authentication. As root, PostgreSQL refuses
     to run, so the cluster is owned and run by the `postgres` user (via `runuser`)."""
 
-    def __init__(self, workdir: Path, port: int):
+    def __init__(self, workdir: Path, port: int, *, durable: bool = False):
+        """`durable`: fsync and synchronous commits as in production (the benchmarks);
+        off by default, for the tests' speed."""
         self.workdir = Path(workdir).resolve()
         self.port = port
+        self.durable = durable
         self.data = self.workdir / "data"
         self.bindir = postgres_binaries()
         self._as_root = os.geteuid() == 0
@@ -102,11 +106,13 @@ class Postgres:
             self._initdb()
         options = [
             *("-k", str(self.workdir / "sock"), "-p", str(self.port)),
-            *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
-            *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+            *("-c", "listen_addresses=127.0.0.1"),
             # A database per test, each with its writer and a pool of readers.
             *("-c", "max_connections=400"),
         ]
+        if not self.durable:
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
+            options += ["-c", "full_page_writes=off"]
         done = self._run(
             self.binary("pg_ctl"),
             *("-D", str(self.data), "-o", shlex.join(options)),

@@ -4,6 +4,10 @@
                          ├─ TLS ─> modgud (localhost:P1) ─ plain HTTP ─> hs1 [modgud module]
     hs3 (localhost:P3) ─┘                 ▲ or: event hook (synapse-http-antispam)
 
+With `replicas=N`, nginx takes P1 (TLS, round robin with passive health checks, as the
+README's replica guide sets it up) in front of N `modgud run` replicas on plain HTTP,
+sharing `database` (a PostgreSQL URL).
+
 Inside hs1, events are judged by modgud's Synapse module (the default, `inside="module"`),
 by the HTTP hook (`"hook"`), or by the hook with the module beside it in audit mode
 (`"both"`: the hook decides, the module's would-be answers can be compared with it).
@@ -39,6 +43,7 @@ from proxy_addons.testbed.homeserver import (
     free_port,
     read_signing_key,
 )
+from proxy_addons.testbed.nginx import Nginx
 from proxy_addons.testbed.peer import FederationPeer, FederationResponse, PeerServer
 from rules.eventhash import compute_event_id
 from rules.roomversion import get_room_version
@@ -69,12 +74,20 @@ class Topology:
         on_error: str = "open",
         outbound: bool = False,
         inside: str = "module",
+        replicas: int = 1,
+        database: str | None = None,
     ) -> None:
         """`outbound`: hs1 sends its federation through modgud's outbound listener (its
         https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying.
-        `inside`: what judges events inside hs1 — module, hook, or both (see above)."""
+        `inside`: what judges events inside hs1 — module, hook, or both (see above).
+        `replicas`: that many modgud processes behind nginx, on `database` (a
+        PostgreSQL URL; default: an SQLite file, for one replica)."""
         if inside not in ("module", "hook", "both"):
             raise ValueError(f"inside: module, hook or both, not {inside!r}")
+        if replicas > 1 and (database is None or "://" not in database):
+            raise ValueError("replicas share a PostgreSQL database: give its URL")
+        if replicas > 1 and (outbound or inside != "module"):
+            raise ValueError("replicas: with the module inside hs1 and no outbound listener")
         self.workdir = Path(workdir)
         self.mode = mode
         self.on_error = on_error
@@ -83,7 +96,19 @@ class Topology:
         self.modgud_port = free_port()
         self.hook_port = free_port()
         self.outbound_port = free_port()
-        self.metrics_port = free_port()
+        # Each replica's inbound and metrics listeners (one replica: on the public port).
+        self.replica_ports = (
+            [free_port() for _ in range(replicas)] if replicas > 1 else [self.modgud_port]
+        )
+        self.replica_metrics_ports = [free_port() for _ in range(replicas)]
+        self.metrics_port = self.replica_metrics_ports[0]
+        self.nginx: Nginx | None = None
+        if replicas > 1:
+            self.nginx = Nginx(
+                self.workdir / "nginx",
+                self.modgud_port,
+                [f"http://127.0.0.1:{port}" for port in self.replica_ports],
+            )
         self.hook_token = secrets.token_hex(16)
         hs2_tls, hs3_tls = free_port(), free_port()
         # The scripted peer: a reachable "leaky" server and servers whose names do not
@@ -145,8 +170,8 @@ class Topology:
             tls_port=hs3_tls,
             extra_config=keys,
         )
-        self.modgud: subprocess.Popen[bytes] | None = None
-        self.database = self.workdir / "modgud.db"
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * replicas
+        self.database: str = database or str(self.workdir / "modgud.db")
         self.capture = self.workdir / "capture.flows"
         self.alice: ClientApi
         self.bob: ClientApi
@@ -156,6 +181,14 @@ class Topology:
         self.space = ""
 
     # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def modgud(self) -> subprocess.Popen[bytes] | None:
+        """The (first) modgud process."""
+        return self.processes[0]
+
+    def config_of(self, replica: int) -> Path:
+        return self.config_path if replica == 0 else self.workdir / f"modgud-{replica}.yaml"
 
     @property
     def module_loaded(self) -> bool:
@@ -221,6 +254,10 @@ class Topology:
         return entries
 
     def _write_config(self) -> None:
+        for replica in range(len(self.processes)):
+            self._write_replica_config(replica)
+
+    def _write_replica_config(self, replica: int) -> None:
         policy = (
             f"policy: {{policy_lists: ['{self.policy_room}'], spaces: ['{self.space}'],"
             " refresh_seconds: 5}"
@@ -232,14 +269,14 @@ class Topology:
             if self.hook_used
             else []
         )
-        self.config_path.write_text(
+        self.config_of(replica).write_text(
             "\n".join(
                 [
                     f"server_name: {self.hs1.server_name}",
                     f"upstream: {self.hs1.base_url}",
                     "listen:",
-                    f"  inbound: 127.0.0.1:{self.modgud_port}",
-                    f"  metrics: 127.0.0.1:{self.metrics_port}",
+                    f"  inbound: 127.0.0.1:{self.replica_ports[replica]}",
+                    f"  metrics: 127.0.0.1:{self.replica_metrics_ports[replica]}",
                     *self._outbound_config(),
                     *hook,
                     "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
@@ -261,39 +298,50 @@ class Topology:
 
     def _start_modgud(self) -> None:
         self._write_config()
-        log = open(self.workdir / "modgud.log", "ab")  # noqa: SIM115 - closed with the process
+        for replica in range(len(self.processes)):
+            self.start_replica(replica)
+        if self.nginx is not None and self.nginx.process is None:
+            self.nginx.start()
+
+    def start_replica(self, replica: int) -> None:
+        """Start one `modgud run` (its config written already)."""
+        name = "modgud.log" if replica == 0 else f"modgud-{replica}.log"
+        log = open(self.workdir / name, "ab")  # noqa: SIM115 - closed with the process
         modgud = Path(sys.executable).with_name("modgud")
-        self.modgud = subprocess.Popen(
+        capture = self.capture if replica == 0 else self.workdir / f"capture-{replica}.flows"
+        self.processes[replica] = subprocess.Popen(
             [
                 str(modgud),
                 "run",
                 "--config",
-                str(self.config_path),
+                str(self.config_of(replica)),
                 "--",
                 "--set",
-                f"save_stream_file={self.capture}",  # every flow, for `modgud audit` replays
+                f"save_stream_file={capture}",  # every flow, for `modgud audit` replays
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
         )
         hook_up = not self.hook_used or _wait_port(self.hook_port, 30)
-        if not (hook_up and _wait_port(self.modgud_port, 30)):
+        if not (hook_up and _wait_port(self.replica_ports[replica], 30)):
             self.stop()
             raise RuntimeError("modgud did not start:\n" + self.modgud_log())
 
-    def kill_modgud(self) -> None:
+    def kill_modgud(self, replica: int = 0) -> None:
         """kill -9: no clean stop, no flush (what a crash or the OOM killer does)."""
-        assert self.modgud is not None
-        self.modgud.kill()
-        self.modgud.wait(10)
+        process = self.processes[replica]
+        assert process is not None
+        process.kill()
+        process.wait(10)
 
     def restart_modgud(self, *, on_error: str | None = None) -> None:
         """Start modgud again (after kill_modgud, or stopping it first), optionally with
         another on_error."""
-        if self.modgud is not None and self.modgud.poll() is None:
-            self.modgud.terminate()
-            self.modgud.wait(15)
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(15)
         if on_error is not None:
             self.on_error = on_error
         self._start_modgud()
@@ -309,27 +357,32 @@ class Topology:
             f"  signing_key_file: {self.hs1.signing_key_path}",
         ]
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run `modgud ARGS --config <this topology's config>`, as an operator would."""
+    def cli(
+        self, *args: str, timeout: float = 120, replica: int = 0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `modgud ARGS --config <a replica's config>`, as an operator would."""
         modgud = Path(sys.executable).with_name("modgud")
         return subprocess.run(
-            [str(modgud), *args, "--config", str(self.config_path)],
+            [str(modgud), *args, "--config", str(self.config_of(replica))],
             capture_output=True,
             text=True,
             timeout=timeout,
         )
 
-    def modgud_log(self) -> str:
-        path = self.workdir / "modgud.log"
+    def modgud_log(self, replica: int = 0) -> str:
+        path = self.workdir / ("modgud.log" if replica == 0 else f"modgud-{replica}.log")
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def stop(self) -> None:
-        if self.modgud is not None and self.modgud.poll() is None:
-            self.modgud.terminate()
-            try:
-                self.modgud.wait(15)
-            except subprocess.TimeoutExpired:
-                self.modgud.kill()
+        if self.nginx is not None:
+            self.nginx.stop()
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         for hs in (self.hs3, self.hs2, self.hs1):
             try:
                 hs.stop()
@@ -346,9 +399,9 @@ class Topology:
     # -- observations ----------------------------------------------------------------
 
     def findings(self, **filters: Any) -> list[dict[str, Any]]:
-        if not self.database.exists():
+        if "://" not in self.database and not Path(self.database).exists():
             return []
-        return list(query_findings([str(self.database)], **filters))
+        return list(query_findings([self.database], **filters))
 
     def wait_for_findings(
         self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 20, **filters: Any
@@ -360,9 +413,9 @@ class Topology:
                 return rows
             time.sleep(0.25)
 
-    def metrics_text(self) -> str:
+    def metrics_text(self, replica: int = 0) -> str:
         with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+            f"http://127.0.0.1:{self.replica_metrics_ports[replica]}/metrics", timeout=5
         ) as r:
             return str(r.read().decode())
 
@@ -372,13 +425,24 @@ class Topology:
     def hs1_address(self) -> str:
         return f"127.0.0.1:{self.modgud_port}"
 
+    def address(self, via: int | None = None) -> str:
+        """Where the peer reaches hs1: its federation port (modgud, or nginx in front of
+        the replicas), or one replica's own listener (`via`: its index)."""
+        return self.hs1_address if via is None else f"127.0.0.1:{self.replica_ports[via]}"
+
     def peer_join(
-        self, server: PeerServer, localpart: str, room_id: str, membership: str = "join"
+        self,
+        server: PeerServer,
+        localpart: str,
+        room_id: str,
+        membership: str = "join",
+        *,
+        via: int | None = None,
     ) -> tuple[str, str]:
         """A user of a peer server joins (or knocks on, or leaves) a room of hs1."""
         user_id = server.user(localpart)
         event_id, _ = self.peer.join(
-            server, user_id, room_id, self.hs1.server_name, self.hs1_address, membership=membership
+            server, user_id, room_id, self.hs1.server_name, self.address(via), membership=membership
         )
         return user_id, event_id
 
@@ -390,11 +454,12 @@ class Topology:
         *,
         raw_body: bytes | None = None,
         txn_id: str | None = None,
+        via: int | None = None,
     ) -> FederationResponse:
         return self.peer.send(
             server,
             self.hs1.server_name,
-            self.hs1_address,
+            self.address(via),
             pdus,
             edus,
             raw_body=raw_body,

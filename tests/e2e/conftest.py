@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from proxy_addons.testbed.topology import Topology
+from tests.pg import pg_url, postgres  # noqa: F401 - fixtures: a real PostgreSQL
 
 
 def _topology(tmp_path_factory, name, **options):

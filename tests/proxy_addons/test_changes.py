@@ -108,3 +108,24 @@ async def test_rows_committed_out_of_id_order_still_reach_the_follower(make_runt
     finally:
         slow.close()
         quick.close()
+
+
+async def test_on_postgresql_news_arrive_as_they_commit_not_at_the_next_poll(make_runtime, pg_url):
+    """Replicas hear of each other's refusals as they commit (NOTIFY/LISTEN): with a poll
+    interval of 30 s, a refusal another process records reaches the follower at once."""
+    holder = make_runtime()
+    runtime = holder.runtime
+    object.__setattr__(runtime.config, "database", pg_url)
+    other = FindingStore(pg_url, flush_interval=0.02)
+    follower = ChangeFollower(runtime, interval=30.0)
+    task = asyncio.ensure_future(follower.run())
+    try:
+        await asyncio.sleep(1.0)  # listening
+        started = time.monotonic()
+        other.record([replace(module_finding("$elsewhere"), endpoint="send")])
+        while "$elsewhere" not in runtime.refused.rooms.get(ROOM, {}):
+            assert time.monotonic() - started < 5, "not heard before the poll"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        other.close()

@@ -14,6 +14,7 @@ import pytest
 from proxy_addons.cli import main
 from proxy_addons.database import (
     LATEST_VERSION,
+    MIGRATIONS,
     DatabaseError,
     _respell,
     open_db,
@@ -229,3 +230,37 @@ def test_text_with_nul_is_stored_escaped_in_postgresql(pg_url):
     store.close()
     assert [r["detail"] for r in query_findings([pg_url])] == ["a\\x00b"]
     assert store.dropped == 0
+
+
+def test_migration_2_keeps_the_first_of_doubled_edge_findings(target):
+    """A database from before version 2 may hold an edge finding twice (a retried
+    transaction): the first is kept, the index that prevents it from now on made."""
+    database = open_db(target)
+    conn = database.connect()
+    try:
+        with conn.transaction(exclusive=True):
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS modgud_schema (version INTEGER NOT NULL, "
+                "applied_at DOUBLE PRECISION, description TEXT)"
+            )
+            for statement in getattr(MIGRATIONS[0], database.engine):
+                conn.execute(statement)
+            conn.execute("INSERT INTO modgud_schema (version) VALUES (1)")
+        insert = (
+            "INSERT INTO findings (ts, rule, event_id, attributed_to, endpoint, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        with conn.transaction():
+            for ts, endpoint, detail in (
+                (1.0, "send", "first"),
+                (2.0, "send", "retry"),
+                (3.0, "module", "judged"),
+                (4.0, "module", "judged"),
+            ):
+                conn.execute(insert, (ts, "acl.sender", "$e", "relay.test", endpoint, detail))
+    finally:
+        conn.close()
+    assert database.migrate() == LATEST_VERSION
+    with reading(target) as read:
+        rows = read.tuples("SELECT ts, endpoint FROM findings ORDER BY ts")
+    assert rows == [(1.0, "send"), (3.0, "module"), (4.0, "module")]

@@ -467,3 +467,20 @@ def test_the_first_delivery_across_replicas_is_the_earliest(target):
     assert row["first_origin"] == "early.test"
     assert (row["first_seen"], row["last_seen"], row["deliveries"]) == (10.0, 20.0, 2)
     assert row["delivered_by"] == "late.test,early.test"
+
+
+def test_an_edge_finding_is_recorded_once_per_event_rule_and_blamed_server(target):
+    """A transaction retried through another replica is judged again there: its findings
+    are not doubled. Another blamed server for the same event is another finding."""
+    first, retry = FindingStore(target), FindingStore(target)
+    first.record([record(1.0)])
+    first.close()
+    again = replace(record(1.0), ts=2.0, detail="judged again")
+    other = replace(record(1.0), ts=3.0, attributed_to="other-relay.test")
+    retry.record([again, other])
+    retry.close()
+    rows = list(query_findings([target]))
+    assert [(r["ts"], r["attributed_to"]) for r in rows] == [
+        (1.0, "relay.test"),
+        (3.0, "other-relay.test"),
+    ]
