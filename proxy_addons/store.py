@@ -164,9 +164,12 @@ _FINDING_VALUES = ", ".join("?" for _ in FINDING_COLUMNS)
 # through another replica) is not recorded again (the database's findings_once_per_edge).
 INSERT_FINDING = f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) VALUES ({_FINDING_VALUES}) ON CONFLICT DO NOTHING"  # noqa: S608, E501 - fixed names
 # A finding judged inside the homeserver, unless the same event and rule is recorded already.
+# (Another Synapse process's row for it, committed meanwhile: the database's
+# findings_once_per_judge.)
 INSERT_FINDING_ONCE = (
     f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) SELECT {_FINDING_VALUES} "  # noqa: S608 - fixed names
-    "WHERE NOT EXISTS (SELECT 1 FROM findings WHERE event_id = ? AND rule = ?)"
+    "WHERE NOT EXISTS (SELECT 1 FROM findings WHERE event_id = ? AND rule = ?) "
+    "ON CONFLICT DO NOTHING"
 )
 # The edge's finding replaces one the hook or the module recorded for the same event and rule.
 DELETE_SUPERSEDED = (
@@ -453,15 +456,23 @@ def _insert_findings(db: Connection, rows: list[tuple[object, ...]]) -> None:
     a judge's refusal replaces a judge's mere flag."""
     edge: list[tuple[object, ...]] = []
     judged: list[tuple[object, ...]] = []
+    # The deletes of a batch go together (one round trip for all on PostgreSQL), before
+    # the inserts, as they did one by one.
+    superseded: list[tuple[object, ...]] = []
+    flags: list[tuple[object, ...]] = []
     for row in rows:
         if row[_EVENT_ID] is not None and row[_ENDPOINT] in IN_HOMESERVER_ENDPOINTS:
             judged.append((*row, row[_EVENT_ID], row[_RULE]))
             if row[_ACTION] != "flagged":
-                db.execute(DELETE_JUDGED_FLAG, (row[_EVENT_ID], row[_RULE]))
+                flags.append((row[_EVENT_ID], row[_RULE]))
         else:
             edge.append(row)
             if row[_EVENT_ID] is not None:
-                db.execute(DELETE_SUPERSEDED, (row[_EVENT_ID], row[_RULE]))
+                superseded.append((row[_EVENT_ID], row[_RULE]))
+    if flags:
+        db.executemany(DELETE_JUDGED_FLAG, flags)
+    if superseded:
+        db.executemany(DELETE_SUPERSEDED, superseded)
     if edge:
         db.executemany(INSERT_FINDING, edge)
     for row in judged:  # one at a time: each must see the ones before it

@@ -232,9 +232,10 @@ def test_text_with_nul_is_stored_escaped_in_postgresql(pg_url):
     assert store.dropped == 0
 
 
-def test_migration_2_keeps_the_first_of_doubled_edge_findings(target):
-    """A database from before version 2 may hold an edge finding twice (a retried
-    transaction): the first is kept, the index that prevents it from now on made."""
+def test_migration_2_keeps_the_first_of_doubled_findings(target):
+    """A database from before version 2 may hold a finding twice (a retried transaction
+    through another replica; a judge's, from two Synapse processes at once): the first
+    is kept, the indexes that prevent it from now on made."""
     database = open_db(target)
     conn = database.connect()
     try:
@@ -263,4 +264,4 @@ def test_migration_2_keeps_the_first_of_doubled_edge_findings(target):
     assert database.migrate() == LATEST_VERSION
     with reading(target) as read:
         rows = read.tuples("SELECT ts, endpoint FROM findings ORDER BY ts")
-    assert rows == [(1.0, "send"), (3.0, "module"), (4.0, "module")]
+    assert rows == [(1.0, "send"), (3.0, "module")]
