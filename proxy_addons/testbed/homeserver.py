@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
 from signedjson.key import read_signing_keys
@@ -28,6 +29,7 @@ from signedjson.key import read_signing_keys
 __all__ = [
     "ClientApi",
     "ClientError",
+    "Redis",
     "SynapseHomeserver",
     "free_port",
     "read_signing_key",
@@ -140,6 +142,52 @@ def wait_for[T](
         time.sleep(interval)
 
 
+class Redis:
+    """A redis-server of its own on loopback (Debian's package), no persistence: what
+    Synapse's workers replicate through."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.workdir = Path(workdir)
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> Redis:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            raise RuntimeError("redis-server is not installed (make deps; Debian: redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        out = open(self.workdir / "redis.log", "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [
+                binary,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    "redis-server exited: " + (self.workdir / "redis.log").read_text()
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
 class SynapseHomeserver:
     def __init__(
         self,
@@ -151,10 +199,25 @@ class SynapseHomeserver:
         modules: list[dict[str, Any]] | None = None,
         extra_config: dict[str, Any] | None = None,
         metrics_port: int | None = None,
+        database_url: str | None = None,
+        federation_worker: Redis | None = None,
     ) -> None:
-        """`metrics_port`: a metrics listener (Synapse's and its modules' metrics)."""
+        """`metrics_port`: a metrics listener (Synapse's and its modules' metrics).
+        `database_url`: Synapse on PostgreSQL (postgresql://user@host:port/db, the
+        database made with the C locale Synapse asks for), else SQLite.
+        `federation_worker`: a federation-inbound worker (`synapse.app.generic_worker`
+        serving the federation API on `worker_port`) beside the main process, which
+        then serves the client API and replication; Synapse's workers replicate through
+        this Redis. Modules load in both processes."""
+        if federation_worker is not None and database_url is None:
+            raise ValueError("Synapse's workers need PostgreSQL")
         self.workdir = Path(workdir)
         self.metrics_port = metrics_port
+        self.database_url = database_url
+        self.redis = federation_worker
+        self.worker_port = free_port() if federation_worker is not None else None
+        self.replication_port = free_port() if federation_worker is not None else None
+        self.worker: subprocess.Popen[bytes] | None = None
         self.server_name = server_name
         self.http_port = http_port
         self.tls_port = tls_port
@@ -166,6 +229,12 @@ class SynapseHomeserver:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def federation_url(self) -> str:
+        """Where federation requests go: the federation worker, else the main process."""
+        port = self.worker_port if self.worker_port is not None else self.http_port
+        return f"http://127.0.0.1:{port}"
 
     @property
     def signing_key_path(self) -> Path:
@@ -239,12 +308,39 @@ class SynapseHomeserver:
                 }
             )
         )
+        database: dict[str, Any] = {
+            "name": "sqlite3",
+            "args": {"database": str(self.workdir / "homeserver.db")},
+        }
+        if self.database_url is not None:
+            parts = urlsplit(self.database_url)
+            database = {
+                "name": "psycopg2",
+                "args": {
+                    "user": parts.username or "postgres",
+                    "host": parts.hostname or "127.0.0.1",
+                    "port": parts.port or 5432,
+                    "database": parts.path.lstrip("/"),
+                    "cp_min": 1,
+                    "cp_max": 5,
+                },
+            }
+        if self.redis is not None:
+            assert self.replication_port is not None
+            listeners.append(
+                {
+                    "port": self.replication_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "resources": [{"names": ["replication"]}],
+                }
+            )
+            config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis.port}
+            config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+            self._write_worker_config(log_config)
         config.update(
             {
-                "database": {
-                    "name": "sqlite3",
-                    "args": {"database": str(self.workdir / "homeserver.db")},
-                },
+                "database": database,
                 "listeners": listeners,
                 "log_config": str(log_config),
                 "federation_verify_certificates": False,
@@ -264,21 +360,57 @@ class SynapseHomeserver:
         config.update(self.extra_config)
         (self.workdir / "hs.yaml").write_text(yaml.safe_dump(config))
 
+    def _write_worker_config(self, log_config: Path) -> None:
+        worker_log = self.workdir / "log-worker.yaml"
+        worker_log.write_text(
+            log_config.read_text().replace("homeserver.log", "worker.log")
+            if log_config.exists()
+            else ""
+        )
+        (self.workdir / "worker.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "worker_app": "synapse.app.generic_worker",
+                    "worker_name": "federation_inbound1",
+                    "worker_listeners": [
+                        {
+                            "type": "http",
+                            "port": self.worker_port,
+                            "bind_addresses": ["127.0.0.1"],
+                            "resources": [{"names": ["federation"], "compress": False}],
+                        }
+                    ],
+                    "worker_log_config": str(worker_log),
+                }
+            )
+        )
+
     def start(self, timeout: float = 90.0) -> None:
         self._configure()
-        out = open(self.workdir / "stdout.log", "wb")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
-            [synapse_python(), "-m", "synapse.app.homeserver", "-c", "hs.yaml"],
-            cwd=self.workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+        self.process = self._spawn(["synapse.app.homeserver", "-c", "hs.yaml"], "stdout.log")
+        self._wait_until_up(self.process, f"{self.base_url}/_matrix/client/versions", timeout)
+        if self.worker_port is not None:
+            self.worker = self._spawn(
+                ["synapse.app.generic_worker", "-c", "hs.yaml", "-c", "worker.yaml"],
+                "worker-stdout.log",
+            )
+            probe = f"{self.federation_url}/_matrix/federation/v1/version"
+            self._wait_until_up(self.worker, probe, timeout)
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / log, "wb")  # noqa: SIM115 - lives with the process
+        return subprocess.Popen(
+            [synapse_python(), "-m", *args], cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT
         )
+
+    def _wait_until_up(self, process: subprocess.Popen[bytes], url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"Synapse {self.server_name} exited:\n{self.log_tail()}")
             try:
-                _request("GET", f"{self.base_url}/_matrix/client/versions")
+                _request("GET", url)
                 return
             except (OSError, ClientError):
                 time.sleep(0.2)
@@ -300,14 +432,15 @@ class SynapseHomeserver:
             return str(r.read().decode())
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        for process in (self.worker, self.process):
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
 
     def __enter__(self) -> SynapseHomeserver:
         self.start()
@@ -318,7 +451,7 @@ class SynapseHomeserver:
 
     def log_tail(self, n: int = 40) -> str:
         parts = []
-        for name in ("homeserver.log", "stdout.log"):
+        for name in ("homeserver.log", "stdout.log", "worker.log", "worker-stdout.log"):
             path = self.workdir / name
             if path.exists():
                 lines = path.read_text(errors="replace").splitlines()[-n:]

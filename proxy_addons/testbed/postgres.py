@@ -130,12 +130,16 @@ class Postgres:
         self.stop()
         raise RuntimeError(f"PostgreSQL is not listening on 127.0.0.1:{self.port}:\n{self.log()}")
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, *, c_locale: bool = False) -> str:
+        """A new database; `c_locale`: collation and ctype C, from template0, as Synapse
+        requires of its database."""
+        locale = ["-E", "UTF8", "--locale=C", "-T", "template0"] if c_locale else []
         done = self._run(
             self.binary("createdb"),
             *("-h", "127.0.0.1", "-p", str(self.port)),
             "-U",
             "postgres",
+            *locale,
             name,
         )
         if done.returncode != 0:
