@@ -25,10 +25,10 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
-$(SYNAPSE_VENV)/.stamp:
+$(SYNAPSE_VENV)/.stamp: Makefile
 	@py=$$(.ci/find-python) || exit 1; \
 	  [ -x $(SYNAPSE_VENV)/bin/python ] || $$py -m venv $(SYNAPSE_VENV)
-	$(SYNAPSE_VENV)/bin/python -m pip install -q 'matrix-synapse==$(SYNAPSE_VERSION)' 'synapse-http-antispam==$(ANTISPAM_VERSION)'
+	$(SYNAPSE_VENV)/bin/python -m pip install -q 'matrix-synapse[postgres,redis]==$(SYNAPSE_VERSION)' 'synapse-http-antispam==$(ANTISPAM_VERSION)'
 	@touch $@
 
 # modgud's Synapse module, installed the way the README tells operators to (its build

@@ -26,6 +26,7 @@ from typing import Any
 
 from proxy_addons.database import DatabaseError, open_db
 from proxy_addons.leaks import AUTHOR_REFUSED
+from proxy_addons.news import NewsCursor
 from proxy_addons.runtime import Runtime
 from proxy_addons.store import latest_ids, news_after
 
@@ -34,44 +35,14 @@ __all__ = ["FOLLOW_SECONDS", "ChangeFollower"]
 logger = logging.getLogger(__name__)
 
 FOLLOW_SECONDS = 0.5
-# Rows are followed by ID, and on PostgreSQL several writers (replicas, Synapse workers)
-# commit concurrently: a row may become visible after one with a higher ID. Each read
-# looks this many IDs back, and rows already applied are skipped.
-LOOKBACK_IDS = 5000
-
-
-class _Seen:
-    """IDs applied, the newest, and how far back they are remembered; nothing at or
-    below `start` (what was recorded before the follower began) counts as news."""
-
-    def __init__(self) -> None:
-        self.last = self.start = 0
-        self.ids: set[int] = set()
-
-    def begin_at(self, row_id: int) -> None:
-        self.last = self.start = row_id
-
-    def since(self) -> int:
-        return max(self.start, self.last - LOOKBACK_IDS)
-
-    def first_time(self, row_id: int) -> bool:
-        if row_id in self.ids or row_id <= self.since():
-            return False
-        self.ids.add(row_id)
-        if row_id > self.last:
-            self.last = row_id
-            if len(self.ids) > 2 * LOOKBACK_IDS:
-                floor = self.since()
-                self.ids = {i for i in self.ids if i > floor}
-        return True
 
 
 class ChangeFollower:
     def __init__(self, runtime: Runtime, interval: float = FOLLOW_SECONDS) -> None:
         self.runtime = runtime
         self.interval = interval
-        self._changes = _Seen()
-        self._findings = _Seen()
+        self._changes = NewsCursor()
+        self._findings = NewsCursor()
         self._rules = [str(r) for r in AUTHOR_REFUSED]
 
     @property
@@ -106,7 +77,7 @@ class ChangeFollower:
         """Act on what is news among the rows read; how many were."""
         runtime = self.runtime
         news = 0
-        for row_id, room_id, event_type, _state_key in changes:
+        for row_id, room_id, event_type, _state_key, _event_id in changes:
             if not self._changes.first_time(row_id):
                 continue
             news += 1

@@ -58,6 +58,7 @@ __all__ = [
     "decide_knock",
     "query_findings",
     "query_knocks",
+    "state_changes_after",
 ]
 
 logger = logging.getLogger(__name__)
@@ -579,7 +580,7 @@ def news_after(
     path: str, last_change: int, last_finding: int, rules: Iterable[str], limit: int = 10_000
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """What was recorded after the given rows, in one read: state changes (id, room_id,
-    event_type, state_key), and the findings with one of `rules` and an event ID, whoever
+    event_type, state_key, event_id), and the findings with one of `rules` and an event ID, whoever
     recorded them — the homeserver's judges (hook, module) or any replica's edge — as
     (id, room_id, event_id, sender_server)."""
     wanted = list(rules)
@@ -591,12 +592,24 @@ def news_after(
         "ORDER BY id LIMIT ?"
     )
     with reading(path, timeout=1) as conn:
-        changes = conn.tuples(
-            "SELECT id, room_id, event_type, state_key FROM state_changes WHERE id > ? "
-            "ORDER BY id LIMIT ?",
-            (last_change, limit),
+        return _changes_after(conn, last_change, limit), conn.tuples(
+            refusals, (last_finding, *wanted, limit)
         )
-        return changes, conn.tuples(refusals, (last_finding, *wanted, limit))
+
+
+def state_changes_after(path: str, last: int, limit: int = 10_000) -> list[tuple[Any, ...]]:
+    """State changes recorded after row `last`: (id, room_id, event_type, state_key,
+    event_id) — what the Synapse module in each Synapse process follows."""
+    with reading(path, timeout=1) as conn:
+        return _changes_after(conn, last, limit)
+
+
+def _changes_after(conn: Connection, last: int, limit: int) -> list[tuple[Any, ...]]:
+    return conn.tuples(
+        "SELECT id, room_id, event_type, state_key, event_id FROM state_changes "
+        "WHERE id > ? ORDER BY id LIMIT ?",
+        (last, limit),
+    )
 
 
 # What `modgud db migrate-to` copies, table by table, in the order of their keys; the

@@ -23,6 +23,7 @@ SHARED = (
     "database",
     "eventindex",
     "metrics",
+    "news",
     "operatorpolicy",
     "recording",
     "sources",

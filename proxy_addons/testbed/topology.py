@@ -39,6 +39,7 @@ import yaml
 from proxy_addons.store import query_findings
 from proxy_addons.testbed.homeserver import (
     ClientApi,
+    Redis,
     SynapseHomeserver,
     free_port,
     read_signing_key,
@@ -76,12 +77,16 @@ class Topology:
         inside: str = "module",
         replicas: int = 1,
         database: str | None = None,
+        synapse_database: str | None = None,
     ) -> None:
         """`outbound`: hs1 sends its federation through modgud's outbound listener (its
         https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying.
         `inside`: what judges events inside hs1 — module, hook, or both (see above).
         `replicas`: that many modgud processes behind nginx, on `database` (a
-        PostgreSQL URL; default: an SQLite file, for one replica)."""
+        PostgreSQL URL; default: an SQLite file, for one replica).
+        `synapse_database`: hs1 on PostgreSQL (a database with the C locale) with a
+        federation-inbound worker (and Redis) — modgud's upstream, the module loaded
+        there as in the main process — as a homeserver that runs replicas runs."""
         if inside not in ("module", "hook", "both"):
             raise ValueError(f"inside: module, hook or both, not {inside!r}")
         if replicas > 1 and (database is None or "://" not in database):
@@ -148,6 +153,7 @@ class Topology:
                 "federation_verify_certificates": True,
                 "federation_custom_ca_list": [str(ensure_ca(self.workdir / "ca"))],
             }
+        self.redis = Redis(self.workdir / "redis", free_port()) if synapse_database else None
         self.hs1 = SynapseHomeserver(
             self.workdir / "hs1",
             f"localhost:{self.modgud_port}",
@@ -155,6 +161,8 @@ class Topology:
             modules=modules,
             extra_config=hs1_config,
             metrics_port=free_port(),
+            database_url=synapse_database,
+            federation_worker=self.redis,
         )
         self.hs2 = SynapseHomeserver(
             self.workdir / "hs2",
@@ -200,6 +208,8 @@ class Topology:
 
     def start(self) -> Topology:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.redis is not None:
+            self.redis.start()
         self.peer.start()
         # The module reads modgud.yaml when hs1 starts: one without the policy rooms,
         # which exist only once hs1 runs; hs1 is restarted with the final one below.
@@ -273,13 +283,14 @@ class Topology:
             "\n".join(
                 [
                     f"server_name: {self.hs1.server_name}",
-                    f"upstream: {self.hs1.base_url}",
+                    f"upstream: {self.hs1.federation_url}",
                     "listen:",
                     f"  inbound: 127.0.0.1:{self.replica_ports[replica]}",
                     f"  metrics: 127.0.0.1:{self.replica_metrics_ports[replica]}",
                     *self._outbound_config(),
                     *hook,
-                    "homeserver: {access_token_file: admin.token, room_admin_token_file: admin.token}",
+                    f"homeserver: {{admin_api: '{self.hs1.base_url}', access_token_file: admin.token,"
+                    " room_admin_token_file: admin.token}",
                     f"metrics: {{servers: ['{self.leaky.name}']}}",
                     policy,
                     f"mode: {self.mode}",
@@ -388,6 +399,8 @@ class Topology:
                 hs.stop()
             except Exception:  # noqa: BLE001 - best effort on teardown
                 pass
+        if self.redis is not None:
+            self.redis.stop()
         self.peer.stop()
 
     def __enter__(self) -> Topology:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy_addons.config import Config
 from proxy_addons.metrics import ModuleMetrics
@@ -322,6 +323,28 @@ class ModuleJudge:
                     )
                 ]
             )
+
+    def heard(self, changes: Iterable[tuple[Any, ...]]) -> int:
+        """State changes another Synapse process's module recorded (store.state_changes_
+        after rows: id, room, type, state key, event ID): with workers, a moderator's ACL
+        goes through the main process's module, the federation traffic through a
+        worker's. Each marks the room to be read again until this process's reads show
+        the event, as for one this module let through itself; one of a policy-list room
+        or a space refreshes the operator's policy. How many rooms changed."""
+        changed = 0
+        watched = False
+        for _row, room_id, event_type, state_key, event_id in changes:
+            event = {
+                "room_id": room_id,
+                "type": event_type,
+                "state_key": state_key,
+                "event_id": event_id,
+            }
+            changed += self.rooms.note(event)
+            watched = watched or self.policy.watches(room_id, event_type)
+        if watched:
+            self._on_policy_event()
+        return changed
 
     def decide_invite(
         self,

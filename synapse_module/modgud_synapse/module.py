@@ -19,6 +19,7 @@ Only this file imports Synapse and Twisted.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -38,9 +39,11 @@ from modgud_synapse.judge import (
 )
 from proxy_addons.config import Config, Mode, load_config
 from proxy_addons.config import ConfigError as ModgudConfigError
+from proxy_addons.database import DatabaseError, open_db
 from proxy_addons.metrics import ModuleMetrics, StoreCollector
+from proxy_addons.news import NewsCursor
 from proxy_addons.sources import StateError
-from proxy_addons.store import FindingStore
+from proxy_addons.store import FindingStore, latest_ids, state_changes_after
 from rules.checks import UNAVAILABLE, StateUnavailable, pdu_bytes
 from rules.roomstate import RoomPolicy, room_policy_from_state
 from rules.servername import server_of_user
@@ -52,6 +55,9 @@ logger = logging.getLogger(__name__)
 # Policy-list rooms and spaces are read again this long after one of their events went by
 # (Synapse persists an event after asking about it), and again later, as the hook does.
 POLICY_REFRESH_DELAYS_MS = (500, 2000, 5000)
+# Other processes' state changes are read as their commits are announced (PostgreSQL),
+# else this often.
+FOLLOW_SECONDS = 0.5
 
 
 def _state_events(state: Iterable[EventBase]) -> list[object]:
@@ -130,6 +136,9 @@ class ModgudModule:
                 run_on_all_instances=True,
             )
         reactor.addSystemEventTrigger("before", "shutdown", self._flush)  # type: ignore[attr-defined]
+        # After a daemonize fork, in the process that runs.
+        self._stopping = threading.Event()
+        reactor.callWhenRunning(self._start_following)  # type: ignore[attr-defined]
         self._warn_if_the_hook_is_configured_too()
         logger.info(
             "modgud %s for %s (on_error %s), findings to %s",
@@ -290,7 +299,55 @@ class ModgudModule:
 
     def _flush(self) -> Any:
         """On Synapse's shutdown: write what is queued (off the reactor, bounded)."""
+        self._stopping.set()
         return threads.deferToThread(self.store.close, 10.0)
+
+    # -- other Synapse processes' state changes ----------------------------------------------
+
+    def _start_following(self) -> None:
+        threading.Thread(target=self._follow, name="modgud-follow", daemon=True).start()
+
+    def _follow(self) -> None:
+        """Read the state changes other processes' modules record (a thread of its own:
+        woken by PostgreSQL's NOTIFY as they commit, else every FOLLOW_SECONDS) and hand
+        the new ones to the reactor's thread, which owns the room cache. An error is
+        logged and counted, and following starts again a few seconds later."""
+        while not self._stopping.is_set():
+            try:
+                self._follow_news()
+            except Exception:
+                logger.exception("modgud: following state changes failed; again in 5 s")
+                self.metrics.internal_errors.labels("module_follow").inc()
+                self._stopping.wait(5.0)
+
+    def _follow_news(self) -> None:
+        database = self.config.database
+        cursor = NewsCursor()
+        try:
+            cursor.begin_at(latest_ids(database)[0])
+        except DatabaseError as e:
+            logger.warning("modgud: other processes' state changes unreadable yet: %s", e)
+        news = open_db(database).news()
+        try:
+            while not self._stopping.is_set():
+                news.wait(FOLLOW_SECONDS)
+                try:
+                    rows = state_changes_after(database, cursor.since())
+                except DatabaseError as e:
+                    logger.debug("modgud: reading state changes failed, will retry: %s", e)
+                    continue
+                fresh = [row for row in rows if cursor.first_time(int(row[0]))]
+                if fresh:
+                    reactor.callFromThread(self._heard, fresh)  # type: ignore[attr-defined]
+        finally:
+            news.close()
+
+    def _heard(self, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            self.judge.heard(rows)
+        except Exception:
+            logger.exception("modgud: applying other processes' state changes failed")
+            self.metrics.internal_errors.labels("module_follow").inc()
 
     def _warn_if_the_hook_is_configured_too(self) -> None:
         """synapse-http-antispam pointing at modgud's hook besides this module: every event

@@ -1,7 +1,10 @@
 """Two modgud replicas on one PostgreSQL, behind nginx (round robin, passive health
-checks), in front of real Synapse with modgud's module writing to the same database: the
-scenario corpus with the same outcome as through one modgud, a knock queued through one
-replica and approved through the other's CLI, and one replica killed under load."""
+checks), in front of real Synapse as a homeserver that runs replicas runs it: on
+PostgreSQL, with a federation-inbound worker (Redis) that receives the federation
+traffic, modgud's module loaded there and in the main process, writing to modgud's
+database. Through it: the scenario corpus with the same outcome as through one modgud,
+a knock queued through one replica and approved through the other's CLI, and one replica
+killed under load."""
 
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="session")
 def replicas_topology(tmp_path_factory, postgres):
-    url = postgres.create_database("modgud_replicas")
-    topo = Topology(tmp_path_factory.mktemp("fed-replicas"), replicas=2, database=url)
+    topo = Topology(
+        tmp_path_factory.mktemp("fed-replicas"),
+        replicas=2,
+        database=postgres.create_database("modgud_replicas"),
+        synapse_database=postgres.create_database("synapse_hs1", c_locale=True),
+    )
     topo.start()
     yield topo
     topo.stop()
@@ -37,9 +44,14 @@ def test_scenario_through_two_replicas(replicas_topology, scenario):
 
 
 def test_both_replicas_served_and_say_they_are_ready(replicas_topology):
+    """nginx balances; each replica is ready; the worker took the federation traffic with
+    the module loaded in it."""
     topo = replicas_topology
     for _ in range(6):  # nginx takes turns
         assert topo.peer_send(topo.leaky, []).status == 200
+    assert topo.hs1.worker is not None and topo.hs1.worker.poll() is None
+    worker_log = (topo.hs1.workdir / "worker.log").read_text()
+    assert "modgud enforce for" in worker_log and "/send/" in worker_log
     for replica in (0, 1):
         served = sum(
             float(line.rsplit(" ", 1)[1])

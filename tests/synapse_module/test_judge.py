@@ -250,7 +250,7 @@ def test_local_events_are_allowed_and_their_state_changes_are_news_for_the_edge(
     judge.decide(message("@x:good.test"), state(), pdu_bytes=100)
     assert judge.store.flush(5)
     changes, _ = news_after(judge.config.database, 0, 0, ["acl.sender"])
-    assert [(room, kind, key) for _, room, kind, key in changes] == [
+    assert [(room, kind, key) for _, room, kind, key, _ in changes] == [
         (ROOM, "m.room.server_acl", ""),
         (ROOM, "m.room.member", "@mod:hs.test"),
     ]
@@ -383,3 +383,23 @@ def test_the_memo_answers_as_judging_every_event_would(tmp_path_factory, steps):
                 assert judge.decide(event, room, pdu_bytes=size).refuse is expected.refused
     finally:
         store.close()
+
+
+def test_state_changes_of_other_synapse_processes_mark_the_room(make_judge):
+    """With workers, a moderator's ACL goes through the main process's module and the
+    federation traffic through a worker's: the worker hears of the change from the
+    database and reads the room again until its reads show that event."""
+    judge = make_judge(extra=f"policy: {{policy_lists: ['{ROOM}']}}\n")
+    judge.rooms.put(ROOM, state())
+    assert judge.heard([(7, ROOM, "m.room.server_acl", "", "$acl2")]) == 1
+    assert judge.rooms.get(ROOM) is None  # read again
+    assert not judge.policy_events
+    # A policy-list room's rule: the operator's policy is read again.
+    assert judge.heard([(8, ROOM, "m.policy.rule.server", "rule1", "$ban")]) == 0
+    assert judge.policy_events
+    judge.rooms.put(ROOM, state(acl_id="$acl2", deny=()))
+    assert judge.rooms.get(ROOM) is not None  # the read shows it: settled
+    # What the cached state shows already changes nothing; other types neither.
+    assert judge.heard([(9, ROOM, "m.room.server_acl", "", "$acl2")]) == 0
+    assert judge.heard([(10, ROOM, "m.room.topic", "", "$topic")]) == 0
+    assert judge.rooms.get(ROOM) is not None
