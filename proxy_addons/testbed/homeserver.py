@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -34,6 +33,7 @@ __all__ = [
     "free_port",
     "read_signing_key",
     "self_signed_certificate",
+    "stop_process",
     "synapse_python",
 ]
 
@@ -66,6 +66,18 @@ RATE_LIMITS: dict[str, Any] = {
 
 def synapse_python() -> str:
     return os.environ.get("MODGUD_SYNAPSE_PYTHON") or str(REPO / ".venv-synapse" / "bin" / "python")
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL when it has not exited after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 def free_port() -> int:
@@ -180,12 +192,7 @@ class Redis:
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
 
 class SynapseHomeserver:
@@ -433,14 +440,7 @@ class SynapseHomeserver:
 
     def stop(self) -> None:
         for process in (self.worker, self.process):
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop_process(process)
 
     def __enter__(self) -> SynapseHomeserver:
         self.start()

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from proxy_addons.testbed.homeserver import self_signed_certificate
+from proxy_addons.testbed.homeserver import self_signed_certificate, stop_process
 
 __all__ = ["Nginx", "nginx_binary"]
 
@@ -126,12 +126,7 @@ http {{
         )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
     def __enter__(self) -> Nginx:
         return self.start()
