@@ -1,28 +1,33 @@
-"""Findings in SQLite, written in batches by one writer thread, WAL mode.
+"""Findings, knocks, state changes and the event index, written in batches by one writer
+thread into the database `database:` names — SQLite (WAL) or PostgreSQL, through
+proxy_addons/database.py, which holds the schema and speaks to both engines.
 
-The event loop never waits on the disk: `record()` only queues; the writer commits every
+The event loop never waits on the database: `record()` only queues; the writer commits every
 `flush_interval` seconds or `batch_size` rows, and on `close()`. Event-index rows, which
 every transaction brings, wait for that; findings, knocks and state changes, which are
-rare and which other processes wait for, wake the writer at once. (Waking the writer
-for every transaction cost the proxy's event loop a futex call and a GIL hand-over per
-request: a tenth of its time on a 1-PDU /send.) With `start=False` the
+rare and which other processes wait for, wake the writer at once, and their commit is
+announced to the processes following the database (PostgreSQL NOTIFY). (Waking the
+writer for every transaction cost the proxy's event loop a futex call and a GIL
+hand-over per request: a tenth of its time on a 1-PDU /send.) With `start=False` the
 writer thread starts with the first record instead of at once (and starts again in a
 process forked since), so a process that forks after building the store — Synapse with
 `daemonize` — still has it.
 
-The store speaks the standard library's DB-API to SQLite, nothing more: the same code runs
-inside Synapse's process (the Synapse module writes findings here too), where sqlite-utils'
-command-line dependencies have no business.
+SQLite needs nothing beyond the standard library, and PostgreSQL only psycopg: the same
+code runs inside Synapse's process (the Synapse module writes here too), where
+sqlite-utils' command-line dependencies have no business.
 
 Several processes write one database: modgud's edge, the event hook and the Synapse module
-in every Synapse process. A finding judged inside the homeserver (the hook's or the
-module's, which cannot know who delivered an event) and the edge's finding for the same
-event and rule are one finding: the edge's is kept, since it names the delivering server
-(see `_write`).
+in every Synapse process, and on PostgreSQL every replica of modgud. A finding judged
+inside the homeserver (the hook's or the module's, which cannot know who delivered an
+event) and the edge's finding for the same event and rule are one finding: the edge's is
+kept, since it names the delivering server (see `_write`); and a finding about an event
+is recorded once however many processes record it (database.py, schema version 2).
 
-When the database cannot be written (locked by another process, disk full, I/O error),
-the writer keeps the records and retries with a growing pause (up to `retry_max_seconds`)
-until it can: findings are written after recovery, not dropped. Only beyond `max_pending`
+When the database cannot be written (locked by another process, disk full, I/O error,
+PostgreSQL unreachable), the writer keeps the records and retries with a growing pause
+(up to `retry_max_seconds`, on a new connection when PostgreSQL dropped it) until it
+can: findings are written after recovery, not dropped. Only beyond `max_pending`
 records held in memory are new records refused — event-index rows first, and every one
 counted (`dropped`) and logged.
 
