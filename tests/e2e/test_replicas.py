@@ -180,3 +180,43 @@ def test_one_replica_killed_under_load(replicas_topology):
         assert max(per_event.values()) == 1, per_event
     finally:
         topo.start_replica(1)
+
+
+def test_a_policy_list_ban_reaches_every_replica(replicas_topology):
+    """A moderator bans a server in the subscribed policy room (a local event: the main
+    Synapse process's module records it): each replica refuses that server as origin
+    from then on, without a restart, and lets it in again once the rule is removed."""
+    topo = replicas_topology
+    room_id = topo.alice.create_room(room_version="10")
+    topo.peer_join(topo.spammer, "spam", room_id)
+    spam = topo.spammer.user("spam")
+    rule = {"entity": "*.denied.test", "recommendation": "m.ban", "reason": "spam"}
+    topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-replicas", rule)
+
+    def send(body: str, via: int):
+        latest = topo.alice.messages(room_id, limit=1)[0]["event_id"]
+        content = {"msgtype": "m.text", "body": body}
+        _, pdu = topo.peer.build_event(
+            room_id, topo.spammer, spam, "m.room.message", content, prev_events=[latest]
+        )
+        return topo.peer_send(topo.spammer, [pdu], via=via)
+
+    for via in (0, 1):
+
+        def refused(via: int = via) -> bool:
+            answer = send(f"spam via {via}", via)
+            return any(
+                f["rule"] == "policy.origin" and f["txn_id"] == answer.txn_id
+                for f in topo.findings(room=room_id)
+            )
+
+        assert topo.alice.wait_for(refused, timeout=20, interval=1), topo.modgud_log(via)
+    topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-replicas", {})
+    for via in (0, 1):
+
+        def lifted(via: int = via) -> bool:
+            body = f"forgiven via {via} {time.monotonic()}"
+            send(body, via)
+            return topo.alice.wait_for_message(room_id, body, timeout=3) is not None
+
+        assert topo.alice.wait_for(lifted, timeout=30, interval=1), topo.modgud_log(via)
