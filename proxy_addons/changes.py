@@ -24,71 +24,44 @@ import asyncio
 import logging
 from typing import Any
 
-from proxy_addons.database import DatabaseError, open_db
+from proxy_addons.database import DatabaseError
 from proxy_addons.leaks import AUTHOR_REFUSED
-from proxy_addons.news import NewsCursor
+from proxy_addons.news import FOLLOW_SECONDS, NewsReader
 from proxy_addons.runtime import Runtime
-from proxy_addons.store import latest_ids, news_after
 
-__all__ = ["FOLLOW_SECONDS", "ChangeFollower"]
+__all__ = ["ChangeFollower"]
 
 logger = logging.getLogger(__name__)
-
-FOLLOW_SECONDS = 0.5
 
 
 class ChangeFollower:
     def __init__(self, runtime: Runtime, interval: float = FOLLOW_SECONDS) -> None:
         self.runtime = runtime
         self.interval = interval
-        self._changes = NewsCursor()
-        self._findings = NewsCursor()
-        self._rules = [str(r) for r in AUTHOR_REFUSED]
-
-    @property
-    def last_change(self) -> int:
-        return self._changes.last
-
-    @property
-    def last_finding(self) -> int:
-        return self._findings.last
+        self.reader = NewsReader(runtime.config.database, [str(r) for r in AUTHOR_REFUSED])
 
     def start_at_the_end(self) -> None:
         """Begin with what is recorded from now on (what came before is in the state
         modgud fetches anyway, and the refused events reloaded at start)."""
         try:
-            last_change, last_finding = latest_ids(self.runtime.config.database)
+            self.reader.begin()
         except DatabaseError as e:
             logger.warning("the database's news cannot be read yet: %s", e)
-            return
-        self._changes.begin_at(last_change)
-        self._findings.begin_at(last_finding)
 
     def read(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """What was recorded since the last poll: state changes and refusals."""
-        return news_after(
-            self.runtime.config.database,
-            self._changes.since(),
-            self._findings.since(),
-            self._rules,
-        )
+        """What was recorded since the last read: state changes and refusals."""
+        return self.reader.read()
 
     def apply(self, changes: list[tuple[Any, ...]], refusals: list[tuple[Any, ...]]) -> int:
-        """Act on what is news among the rows read; how many were."""
+        """Act on what was read; how many rows."""
         runtime = self.runtime
-        news = 0
-        for row_id, room_id, event_type, _state_key, _event_id in changes:
-            if not self._changes.first_time(row_id):
-                continue
-            news += 1
+        for _row_id, room_id, event_type, _state_key, _event_id in changes:
             runtime.mark_stale(room_id)
             if runtime.policy.watches(room_id, event_type):
                 runtime.policy.mark_stale()
-        for row_id, room_id, event_id, author in refusals:
-            if self._findings.first_time(row_id):
-                news += 1
-                runtime.refused.add(room_id, event_id, author)
-        return news
+        for _row_id, room_id, event_id, author in refusals:
+            runtime.refused.add(room_id, event_id, author)
+        return len(changes) + len(refusals)
 
     def poll(self) -> int:
         """Read and apply what was recorded since the last poll; how many rows were news."""
@@ -101,10 +74,9 @@ class ChangeFollower:
         the waits and reads run on a thread (SQLite never waits for a writer in WAL mode,
         but the disk or PostgreSQL's connection might)."""
         await asyncio.to_thread(self.start_at_the_end)
-        news = open_db(self.runtime.config.database).news()
         try:
             while True:
-                await asyncio.to_thread(news.wait, self.interval)
+                await asyncio.to_thread(self.reader.wait, self.interval)
                 try:
                     changes, refusals = await asyncio.to_thread(self.read)
                 except DatabaseError as e:
@@ -115,4 +87,4 @@ class ChangeFollower:
                     continue
                 self.apply(changes, refusals)
         finally:
-            news.close()
+            self.reader.close()

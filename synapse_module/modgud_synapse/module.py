@@ -39,11 +39,11 @@ from modgud_synapse.judge import (
 )
 from proxy_addons.config import Config, Mode, load_config
 from proxy_addons.config import ConfigError as ModgudConfigError
-from proxy_addons.database import DatabaseError, open_db
+from proxy_addons.database import DatabaseError
 from proxy_addons.metrics import ModuleMetrics, StoreCollector
-from proxy_addons.news import NewsCursor
+from proxy_addons.news import FOLLOW_SECONDS, NewsReader
 from proxy_addons.sources import StateError
-from proxy_addons.store import FindingStore, latest_ids, state_changes_after
+from proxy_addons.store import FindingStore
 from rules.checks import UNAVAILABLE, StateUnavailable, pdu_bytes
 from rules.roomstate import RoomPolicy, room_policy_from_state
 from rules.servername import server_of_user
@@ -55,9 +55,6 @@ logger = logging.getLogger(__name__)
 # Policy-list rooms and spaces are read again this long after one of their events went by
 # (Synapse persists an event after asking about it), and again later, as the hook does.
 POLICY_REFRESH_DELAYS_MS = (500, 2000, 5000)
-# Other processes' state changes are read as their commits are announced (PostgreSQL),
-# else this often.
-FOLLOW_SECONDS = 0.5
 
 
 def _state_events(state: Iterable[EventBase]) -> list[object]:
@@ -321,26 +318,23 @@ class ModgudModule:
                 self._stopping.wait(5.0)
 
     def _follow_news(self) -> None:
-        database = self.config.database
-        cursor = NewsCursor()
+        reader = NewsReader(self.config.database)
         try:
-            cursor.begin_at(latest_ids(database)[0])
+            reader.begin()
         except DatabaseError as e:
             logger.warning("modgud: other processes' state changes unreadable yet: %s", e)
-        news = open_db(database).news()
         try:
             while not self._stopping.is_set():
-                news.wait(FOLLOW_SECONDS)
+                reader.wait(FOLLOW_SECONDS)
                 try:
-                    rows = state_changes_after(database, cursor.since())
+                    changes, _ = reader.read()
                 except DatabaseError as e:
                     logger.debug("modgud: reading state changes failed, will retry: %s", e)
                     continue
-                fresh = [row for row in rows if cursor.first_time(int(row[0]))]
-                if fresh:
-                    reactor.callFromThread(self._heard, fresh)  # type: ignore[attr-defined]
+                if changes:
+                    reactor.callFromThread(self._heard, changes)  # type: ignore[attr-defined]
         finally:
-            news.close()
+            reader.close()
 
     def _heard(self, rows: list[tuple[Any, ...]]) -> None:
         try:
