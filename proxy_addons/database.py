@@ -51,6 +51,7 @@ __all__ = [
     "is_postgres",
     "open_db",
     "reading",
+    "writing",
 ]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -338,35 +339,63 @@ class Database:
         """What `check-config` says of the database after opening it (without changing
         it): its engine, where, and its schema. Raises DatabaseError when `run` could not
         use it."""
+        new = self._not_there_yet()
+        if new is not None:
+            return f"{self.describe()}: {new}"
+        try:
+            conn = self.connect(read_only=True, timeout=5.0)
+            try:
+                server = self._server(conn)
+                tables = self._has_table(conn, "findings")
+                version = self._version(conn) if self._has_table(conn, "modgud_schema") else 0
+            finally:
+                conn.close()
+        except self.errors.any as e:
+            raise DatabaseError(f"{self.describe()}: {str(e).strip()}") from None
+        if version > LATEST_VERSION:
+            raise self._too_new(version)
+        if version == 0:
+            schema = (
+                f"tables from before schema versions, upgraded to {LATEST_VERSION} at start"
+                if tables
+                else "no modgud tables yet (created at start)"
+            )
+        elif version < LATEST_VERSION:
+            schema = f"schema version {version}, upgraded to {LATEST_VERSION} at start"
+        else:
+            schema = f"schema version {version}"
+        return f"{self.describe()}{server}: {schema}"
+
+    def _not_there_yet(self) -> str | None:
+        """What check() says of a database `run` will create (None: it exists); raises
+        DatabaseError when `run` could not create it."""
+        return None
+
+    def _server(self, conn: Connection) -> str:
+        """The server's release, as check() shows it after the name ("" for none)."""
+        return ""
+
+    def _has_table(self, conn: Connection, name: str) -> bool:
         raise NotImplementedError
 
-    def _schema(self, version: int, tables: bool) -> str:
-        if version == 0:
-            if tables:
-                return f"tables from before schema versions, upgraded to {LATEST_VERSION} at start"
-            return "no modgud tables yet (created at start)"
-        if version > LATEST_VERSION:
-            raise DatabaseError(
-                f"{self.describe()} has schema version {version}, newer than this modgud's "
-                f"{LATEST_VERSION}: upgrade modgud"
-            )
-        if version < LATEST_VERSION:
-            return f"schema version {version}, upgraded to {LATEST_VERSION} at start"
-        return f"schema version {version}"
+    @staticmethod
+    def _version(conn: Connection) -> int:
+        row = conn.one("SELECT COALESCE(MAX(version), 0) FROM modgud_schema")
+        return int(row[0]) if row else 0
+
+    def _too_new(self, version: int) -> DatabaseError:
+        return DatabaseError(
+            f"{self.describe()} has schema version {version}, newer than this modgud's "
+            f"{LATEST_VERSION}: upgrade modgud"
+        )
 
     def version(self) -> int:
         """The schema version the database has (0: none, or not created yet)."""
         try:
-            conn = self.connect(read_only=True, timeout=5.0)
+            with self.reader() as conn:
+                return self._version(conn) if self._has_table(conn, "modgud_schema") else 0
         except self.errors.any:
             return 0  # no database yet
-        try:
-            row = conn.one("SELECT COALESCE(MAX(version), 0) FROM modgud_schema")
-        except self.errors.any:
-            return 0  # no version table: nothing, or tables from before versions
-        finally:
-            conn.close()
-        return int(row[0]) if row else 0
 
     def migrate(self) -> int:
         """Apply the migrations the database lacks; the version it has now. Raises
@@ -379,13 +408,9 @@ class Database:
             with conn.transaction(exclusive=True):
                 self._lock_for_migration(conn)
                 conn.execute(_VERSIONS)
-                row = conn.one("SELECT COALESCE(MAX(version), 0) FROM modgud_schema")
-                current = int(row[0]) if row else 0
+                current = self._version(conn)
                 if current > LATEST_VERSION:
-                    raise DatabaseError(
-                        f"{self.describe()} has schema version {current}, newer than this "
-                        f"modgud's {LATEST_VERSION}: upgrade modgud"
-                    )
+                    raise self._too_new(current)
                 for migration in MIGRATIONS[current:]:
                     for statement in getattr(migration, self.engine):
                         conn.execute(statement)
@@ -433,37 +458,22 @@ class SqliteDatabase(Database):
     def describe(self) -> str:
         return f"SQLite database {self.target}"
 
-    def check(self) -> str:
+    def _not_there_yet(self) -> str | None:
         path = self.target
-        if not os.path.exists(path):
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise DatabaseError(f"{self.describe()}: directory {parent} does not exist")
-            if not os.access(parent, os.W_OK):
-                raise DatabaseError(f"{self.describe()}: directory {parent} is not writable")
-            return f"{self.describe()}: new, created at start"
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise DatabaseError(f"{self.describe()}: not readable and writable by this user")
-        try:
-            conn = self.connect(read_only=True, timeout=5.0)
-            try:
-                versioned = conn.one(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'modgud_schema'"
-                )
-                tables = conn.one(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'findings'"
-                )
-                row = (
-                    conn.one("SELECT COALESCE(MAX(version), 0) FROM modgud_schema")
-                    if versioned
-                    else None
-                )
-            finally:
-                conn.close()
-        except sqlite3.Error as e:
-            raise DatabaseError(f"{self.describe()}: {e}") from None
-        version = int(row[0]) if row else 0
-        return f"{self.describe()}: {self._schema(version, tables is not None)}"
+        if os.path.exists(path):
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise DatabaseError(f"{self.describe()}: not readable and writable by this user")
+            return None
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise DatabaseError(f"{self.describe()}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise DatabaseError(f"{self.describe()}: directory {parent} is not writable")
+        return "new, created at start"
+
+    def _has_table(self, conn: Connection, name: str) -> bool:
+        row = conn.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return row is not None
 
     def size_bytes(self) -> int | None:
         paths = (self.target, self.target + "-wal")
@@ -532,36 +542,20 @@ class PostgresDatabase(Database):
         where += f":{parts.port}" if parts.port else ""
         return f"PostgreSQL database {where}{parts.path or ''}"  # never the password
 
-    def check(self) -> str:
-        try:
-            conn = self.connect(read_only=True, timeout=5.0)
-            try:
-                server = conn.one("SHOW server_version")
-                exists = conn.one("SELECT to_regclass('modgud_schema') IS NOT NULL")
-                tables = conn.one("SELECT to_regclass('findings') IS NOT NULL")
-                version = 0
-                if exists and exists[0]:
-                    row = conn.one("SELECT COALESCE(MAX(version), 0) FROM modgud_schema")
-                    version = int(row[0]) if row else 0
-            finally:
-                conn.close()
-        except self.errors.any as e:
-            raise DatabaseError(f"{self.describe()}: {str(e).strip()}") from None
-        release = f" (server {server[0]})" if server else ""
-        found = bool(tables and tables[0])
-        return f"{self.describe()}{release}: {self._schema(version, found)}"
+    def _server(self, conn: Connection) -> str:
+        row = conn.one("SHOW server_version")
+        return f" (server {row[0]})" if row else ""
+
+    def _has_table(self, conn: Connection, name: str) -> bool:
+        row = conn.one("SELECT to_regclass(?) IS NOT NULL", (name,))
+        return bool(row and row[0])
 
     def size_bytes(self) -> int | None:
         try:
-            conn = self.connect(read_only=True, timeout=5.0)
+            with self.reader() as conn:
+                row = conn.one("SELECT pg_database_size(current_database())")
         except self.errors.any:
             return None
-        try:
-            row = conn.one("SELECT pg_database_size(current_database())")
-        except self.errors.any:
-            return None
-        finally:
-            conn.close()
         return int(row[0]) if row else None
 
     def _lock_for_migration(self, conn: Connection) -> None:
@@ -582,6 +576,25 @@ def reading(target: str, timeout: float = 5.0) -> Iterator[Connection]:
     try:
         with db.reader(timeout) as conn:
             yield conn
+    except db.errors.any as e:
+        raise DatabaseError(f"{db.describe()}: {e}") from None
+
+
+@contextmanager
+def writing(target: str) -> Iterator[Connection]:
+    """A connection to `target` (its schema brought up to date) with one transaction
+    around what is done with it, closed after; the engine's errors raised as
+    DatabaseError naming the database. For a command's single write (the store's
+    writer keeps a connection of its own)."""
+    db = open_db(target)
+    db.migrate()
+    try:
+        conn = db.connect()
+        try:
+            with conn.transaction():
+                yield conn
+        finally:
+            conn.close()
     except db.errors.any as e:
         raise DatabaseError(f"{db.describe()}: {e}") from None
 

@@ -47,7 +47,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from proxy_addons.database import Connection, Database, DatabaseError, open_db, reading
+from proxy_addons.database import (
+    Connection,
+    Database,
+    DatabaseError,
+    open_db,
+    reading,
+    writing,
+)
 from proxy_addons.eventindex import EVENT_COLUMNS, IndexBatch, storable
 from proxy_addons.eventindex import PRUNE as EVENT_PRUNE
 from proxy_addons.eventindex import UPSERT as EVENT_UPSERT
@@ -324,9 +331,7 @@ class FindingStore:
         stop = False
         next_prune = time.monotonic()  # at start too: rows may have aged while modgud was down
         while not stop:
-            if db is None or db.broken:
-                if db is not None:
-                    db.close()
+            if db is None:  # not reached at start (a connection lost later: _write)
                 db = self._connect()
                 if db is None:
                     if self._stop.wait(self.retry_max_seconds):
@@ -557,20 +562,14 @@ def query_knocks(
 def decide_knock(path: str, room_id: str, server: str, status: str, reason: str | None) -> None:
     """Record an approval or denial (a server never seen knocking gets a row too)."""
     now = time.time()
-    database = open_db(path)
-    database.migrate()
-    db = database.connect()
-    try:
-        with db.transaction():
-            db.execute(
-                "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, status, "
-                "decided_at, reason) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
-                "ON CONFLICT (room_id, server) DO UPDATE SET status = excluded.status, "
-                "decided_at = excluded.decided_at, reason = excluded.reason",
-                [room_id, server, now, now, status, now, reason],
-            )
-    finally:
-        db.close()
+    with writing(path) as db:
+        db.execute(
+            "INSERT INTO knocks (room_id, server, first_seen, last_seen, count, status, "
+            "decided_at, reason) VALUES (?, ?, ?, ?, 0, ?, ?, ?) "
+            "ON CONFLICT (room_id, server) DO UPDATE SET status = excluded.status, "
+            "decided_at = excluded.decided_at, reason = excluded.reason",
+            [room_id, server, now, now, status, now, reason],
+        )
 
 
 def latest_ids(path: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from proxy_addons.database import open_db
+from proxy_addons.database import open_db, writing
 from proxy_addons.store import FINDING_COLUMNS, FindingRecord, FindingStore, query_findings
 
 
@@ -216,20 +216,14 @@ def index_rows(db, rows):
     """Event-index rows (room, content hash, last seen) written straight into the table."""
     from proxy_addons.eventindex import UPSERT
 
-    database = open_db(db)
-    database.migrate()
-    conn = database.connect()
-    try:
-        with conn.transaction():
-            conn.executemany(
-                UPSERT,
-                [
-                    (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
-                    for room, h, seen in rows
-                ],
-            )
-    finally:
-        conn.close()
+    with writing(db) as conn:
+        conn.executemany(
+            UPSERT,
+            [
+                (room, h, None, "a.test", "a.test", "a.test", "inbound", "send", seen, seen)
+                for room, h, seen in rows
+            ],
+        )
 
 
 def index_hashes(db):
