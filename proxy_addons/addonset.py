@@ -5,6 +5,7 @@ from proxy_addons.configurator import Configurator, RuntimeCloser
 from proxy_addons.enforcer import Enforcer
 from proxy_addons.eventhook import EventHook
 from proxy_addons.exporter import MetricsExporter
+from proxy_addons.management import ManagementRoom
 from proxy_addons.outbound import OutboundWatcher
 from proxy_addons.runtime import RuntimeHolder
 
@@ -20,5 +21,6 @@ def modgud_addons() -> list[object]:
         Enforcer(holder),
         OutboundWatcher(holder),
         EventHook(holder),
+        ManagementRoom(holder),
         RuntimeCloser(holder),  # last: its `done` runs after every other's
     ]

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "KeyServer",
     "Listen",
+    "Management",
     "Mode",
     "YamlMapping",
     "exposure_warnings",
@@ -67,6 +68,20 @@ class KeyServer:
 
 
 @dataclass(frozen=True, slots=True)
+class Management:
+    """`management:` — the management room: where modgud's bot account posts knocks, leaks
+    and alarms and takes moderators' commands (proxy_addons/management.py)."""
+
+    room_id: str
+    token: str = field(repr=False)
+    client_api: str
+    moderator_level: int = 50
+    leak_interval_seconds: float = 600.0
+    policy_list: str | None = None  # where `ban` writes; default the first policy list
+    alarms: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     server_name: str
@@ -107,6 +122,7 @@ class Config:
     outbound_verify_tls: bool = True  # verify remote servers' certificates, as Synapse does
     outbound_ca_file: str | None = None  # CA bundle for them instead of the system's roots
     outbound_signing_key: Any = field(default=None, repr=False)  # to strip and re-sign
+    management: Management | None = None
 
     @property
     def fail_open(self) -> bool:
@@ -423,6 +439,7 @@ def load_config(path: str | Path, *, secrets: bool = True) -> Config:
         )
         refresh = _seconds(policy, "refresh_seconds", refresh)
         policy.reject_unknown()
+    management = _parse_management(top, base, client_api, policy_lists, secrets)
     top.reject_unknown()
 
     return Config(
@@ -457,7 +474,35 @@ def load_config(path: str | Path, *, secrets: bool = True) -> Config:
         policy_refresh_seconds=refresh,
         client_api=client_api,
         room_admin_token=room_admin_token,
+        management=management,
     )
+
+
+def _parse_management(
+    top: _Node, base: Path, client_api: str, policy_lists: tuple[str, ...], secrets: bool
+) -> Management | None:
+    node = top.child("management")
+    if node is None:
+        return None
+    room = node.get("room", str, required=True)
+    if not room.startswith("!") or len(room) < 2:
+        raise node.error("room", f"expected the management room's ID (!…), got {room!r}")
+    token = _read_token(node, "access_token_file", base, secrets)
+    if token is None:
+        raise node.error("access_token_file", "is required (the bot account's access token)")
+    api = _parse_url(node, "client_api", required=False, default=client_api) or client_api
+    level = node.get("moderator_level", int, 50)
+    if not 0 <= level <= 2**53:
+        raise node.error("moderator_level", "must be a power level from 0")
+    interval = _seconds(node, "leak_interval_seconds", 600.0)
+    policy_list = node.get("policy_list", str)
+    if policy_list is not None and not policy_list.startswith("!"):
+        raise node.error("policy_list", f"expected a room ID (!…), got {policy_list!r}")
+    if policy_list is None and policy_lists:
+        policy_list = policy_lists[0]
+    alarms = node.get("alarms", bool, True)
+    node.reject_unknown()
+    return Management(room, token, api, level, interval, policy_list, alarms)
 
 
 def _seconds(node: _Node, name: str, default: float) -> float:

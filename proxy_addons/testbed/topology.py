@@ -78,6 +78,8 @@ class Topology:
         replicas: int = 1,
         database: str | None = None,
         synapse_database: str | None = None,
+        management: bool = False,
+        leak_interval_seconds: float = 600.0,
     ) -> None:
         """`outbound`: hs1 sends its federation through modgud's outbound listener (its
         https_proxy), trusting modgud's CA (federation_custom_ca_list) and verifying.
@@ -86,7 +88,9 @@ class Topology:
         PostgreSQL URL; default: an SQLite file, for one replica).
         `synapse_database`: hs1 on PostgreSQL (a database with the C locale) with a
         federation-inbound worker (and Redis) — modgud's upstream, the module loaded
-        there as in the main process — as a homeserver that runs replicas runs."""
+        there as in the main process — as a homeserver that runs replicas runs.
+        `management`: a management room on hs1 (alice creator, `mod` 50, `visitor` 0, the
+        bot account `modgud` invited), its bot run by modgud."""
         if inside not in ("module", "hook", "both"):
             raise ValueError(f"inside: module, hook or both, not {inside!r}")
         if replicas > 1 and (database is None or "://" not in database):
@@ -187,6 +191,10 @@ class Topology:
         self.users: dict[str, str] = {}
         self.policy_room = ""
         self.space = ""
+        self.management = management
+        self.leak_interval_seconds = leak_interval_seconds
+        self.management_room = ""
+        self.tokens: dict[str, str] = {}  # hs1 accounts of the management room, by name
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -244,6 +252,8 @@ class Topology:
         self.policy_room = admin.create_room(preset="private_chat", name="modgud test bans")
         # A space whose policy binds its rooms (alice builds its hierarchy in tests).
         self.space = admin.create_room(name="modgud test space")
+        if self.management:
+            self._make_management_room(admin)
         self._start_modgud()
         if self.module_loaded:
             self.hs1.restart()  # the module reads the policy rooms now in modgud.yaml
@@ -254,6 +264,30 @@ class Topology:
         self.users["alice"] = alice_id
         self.alice = ClientApi(self.hs1.base_url, alice_token)
         return self
+
+    def _make_management_room(self, admin: ClientApi) -> None:
+        for name in ("modgud", "mod", "visitor"):
+            self.users[name], self.tokens[name] = self.hs1.register_user(name)
+        (self.workdir / "bot.token").write_text(self.tokens["modgud"])
+        self.management_room = admin.create_room(
+            preset="private_chat",
+            name="modgud management",
+            power_levels={"users": {self.users["mod"]: 50}},  # alice: creator (v12)
+        )
+        for name in ("modgud", "mod", "visitor"):
+            admin.invite(self.management_room, self.users[name])
+        for name in ("mod", "visitor"):
+            ClientApi(self.hs1.base_url, self.tokens[name]).join(self.management_room)
+
+    def _management_config(self) -> list[str]:
+        if not self.management_room:
+            return []
+        return [
+            "management:",
+            f"  room: '{self.management_room}'",
+            "  access_token_file: bot.token",
+            f"  leak_interval_seconds: {self.leak_interval_seconds}",
+        ]
 
     def _module_entry(self) -> list[dict[str, Any]]:
         mode = ["--mode", "audit"] if self.inside == "both" else []
@@ -293,6 +327,7 @@ class Topology:
                     " room_admin_token_file: admin.token}",
                     f"metrics: {{servers: ['{self.leaky.name}']}}",
                     policy,
+                    *self._management_config(),
                     f"mode: {self.mode}",
                     f"on_error: {self.on_error}",
                     f"database: {self.database}",

@@ -305,3 +305,86 @@ def test_database_is_a_path_or_a_postgresql_url(tmp_path):
             load_config(path)
         message = str(raised.value)
         assert why in message and "database" in message and ":3" in message, message
+
+
+def test_management_room_settings(tmp_path):
+    """management: the room, the bot's token from a file (never in repr), the Client-Server
+    API from homeserver.client_api, and `ban`'s policy list defaulting to the first."""
+    (tmp_path / "bot.token").write_text("bot-secret\n")
+    text = MINIMAL + (
+        "homeserver: {client_api: 'http://127.0.0.1:8009'}\n"
+        "policy: {policy_lists: ['!bans:example.org', '!more:example.org']}\n"
+        "management:\n"
+        "  room: '!mgmt:example.org'\n"
+        "  access_token_file: bot.token\n"
+        "  moderator_level: 75\n"
+        "  leak_interval_seconds: 120\n"
+    )
+    config = load_config(write(tmp_path, text))
+    m = config.management
+    assert m is not None
+    assert (m.room_id, m.token, m.client_api) == (
+        "!mgmt:example.org",
+        "bot-secret",
+        "http://127.0.0.1:8009",
+    )
+    assert (m.moderator_level, m.leak_interval_seconds, m.policy_list, m.alarms) == (
+        75,
+        120.0,
+        "!bans:example.org",
+        True,
+    )
+    assert "bot-secret" not in repr(config)
+    assert load_config(write(tmp_path, MINIMAL)).management is None
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "line", "message"),
+    [
+        ("management: {access_token_file: bot.token}\n", "management.room", 3, "is required"),
+        (
+            "management:\n  room: '#alias:x'\n  access_token_file: bot.token\n",
+            "management.room",
+            4,
+            "expected the management room's ID",
+        ),
+        ("management:\n  room: '!m:x'\n", "management.access_token_file", 4, "is required"),
+        (
+            "management:\n  room: '!m:x'\n  access_token_file: missing.token\n",
+            "management.access_token_file",
+            5,
+            "cannot read",
+        ),
+        (
+            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  moderator_level: high\n",
+            "management.moderator_level",
+            6,
+            "expected int",
+        ),
+        (
+            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  leak_interval_seconds: 0\n",
+            "management.leak_interval_seconds",
+            6,
+            "must be positive",
+        ),
+        (
+            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  policy_list: bans\n",
+            "management.policy_list",
+            6,
+            "expected a room ID",
+        ),
+        (
+            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  colour: red\n",
+            "management.colour",
+            6,
+            "unknown key",
+        ),
+    ],
+)
+def test_bad_management_settings_name_key_and_line(tmp_path, section, key, line, message):
+    (tmp_path / "bot.token").write_text("bot-secret")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + section))
+    error = caught.value
+    assert (error.key, error.line) == (key, line)
+    assert message in error.message
