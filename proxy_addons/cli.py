@@ -18,13 +18,12 @@ from typing import Any
 from proxy_addons.config import Config, ConfigError, Listen, exposure_warnings, load_config
 from proxy_addons.database import DatabaseError, is_postgres, open_db
 from proxy_addons.leaks import query_leaks
-from proxy_addons.participation import ParticipationError, write_participation
+from proxy_addons.participation import ParticipationError
 from proxy_addons.replay import ReplayError, replay_capture
-from proxy_addons.spaces import run_plan, write_plan
+from proxy_addons.spaces import KINDS, format_drift, format_sync, plan_space, sync_space
 from proxy_addons.store import (
     FINDING_COLUMNS,
     copy_records,
-    decide_knock,
     query_findings,
     query_knocks,
 )
@@ -312,28 +311,16 @@ def cmd_knocks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decide(args: argparse.Namespace, participation: str, status: str) -> int:
+def _decide(args: argparse.Namespace, approve: bool) -> int:
+    from proxy_addons.management import decide
+
     config = load_config(args.config)
-    if not config.room_admin_token:
-        print(
-            f"modgud {args.command}: {config.path}: homeserver.room_admin_token_file is not set "
-            "(a room admin's access token is needed to write m.server.participation)",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        event_id = write_participation(
-            config.client_api,
-            config.room_admin_token,
-            args.room,
-            args.server,
-            participation,
-            args.reason,
-        )
+        event_id = decide(config, args.room, args.server, approve, args.reason)
     except ParticipationError as e:
         print(f"modgud {args.command}: {e}", file=sys.stderr)
-        return 1
-    decide_knock(config.database, args.room, args.server, status, args.reason)
+        return 2 if not config.room_admin_token else 1
+    status, participation = ("approved", "permitted") if approve else ("denied", "deny")
     print(
         f"{status} {args.server} in {args.room}: m.server.participation {participation} "
         f"({event_id}); modgud applies it once the homeserver has it"
@@ -342,63 +329,31 @@ def _decide(args: argparse.Namespace, participation: str, status: str) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    return _decide(args, "permitted", "approved")
+    return _decide(args, approve=True)
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
-    return _decide(args, "deny", "denied")
+    return _decide(args, approve=False)
 
 
 def cmd_spaces(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    sync = args.action == "sync"
-    if sync and not config.room_admin_token:
+    kinds = args.only or KINDS
+    if args.action == "drift":
+        plan = asyncio.run(plan_space(config, args.space, None, kinds))
+        print("\n".join(format_drift(plan)), file=sys.stderr if plan.error else sys.stdout)
+        return 1 if plan.error or plan.drifting else 0
+    if not config.room_admin_token:
         print(
             f"modgud spaces sync: {config.path}: homeserver.room_admin_token_file is not set",
             file=sys.stderr,
         )
         return 2
-    try:
-        plans, error = run_plan(config, args.space, with_power=sync)
-    except ParticipationError as e:
-        print(f"modgud spaces: {e}", file=sys.stderr)
-        return 1
-    if error:
-        print(f"modgud spaces: {error}", file=sys.stderr)
-        return 1
-    drifting = [p for p in plans if p.changes or p.problem]
-    if not sync:
-        print(f"{len(plans)} rooms in {args.space}; {len(drifting)} differ from its policy")
-        for plan in drifting:
-            for change in plan.changes:
-                print(f"  {plan.room_id}  {change.why}")
-            if plan.problem and not plan.changes:
-                print(f"  {plan.room_id}  {plan.problem}")
-        return 1 if drifting else 0
-    allowed = set(args.allow_fail or [])
-    blocking = [p for p in plans if p.problem and p.room_id not in allowed]
-    if blocking:
-        print("modgud spaces sync: nothing changed; these rooms would fail:", file=sys.stderr)
-        for plan in blocking:
-            print(f"  {plan.room_id}  {plan.problem}", file=sys.stderr)
-        return 1
-    written = 0
-    for plan in plans:
-        if plan.problem:
-            print(f"  skipped {plan.room_id} (allowed to fail): {plan.problem}")
-            continue
-        if not plan.changes:
-            continue
-        try:
-            write_plan(config, plan)
-        except ParticipationError as e:
-            print(f"modgud spaces sync: stopped after {written} rooms: {e}", file=sys.stderr)
-            return 1
-        written += 1
-        for change in plan.changes:
-            print(f"  {plan.room_id}  wrote {change.event_type} {change.state_key}".rstrip())
-    print(f"synced {written} rooms of {args.space}")
-    return 0
+    result = asyncio.run(
+        sync_space(config, args.space, kinds=kinds, allow_fail=args.allow_fail or ())
+    )
+    print("\n".join(format_sync(result)), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def cmd_leaks(args: argparse.Namespace) -> int:
@@ -563,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     spaces.add_argument("--config", "-c", required=True, help="modgud.yaml")
     spaces.add_argument(
         "--allow-fail", action="append", metavar="ROOM", help="sync: this room may fail"
+    )
+    spaces.add_argument(
+        "--only",
+        action="append",
+        choices=KINDS,
+        help="only this kind (repeatable; default all): policy = ACL and participation",
     )
     spaces.set_defaults(func=cmd_spaces)
 
