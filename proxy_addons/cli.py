@@ -190,6 +190,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except DatabaseError as e:
         print(f"{config.path}: database: {e}", file=sys.stderr)
         return 1
+    management = config.management
+    if management is not None:
+        print(
+            f"  management   {management.room_id} (commands from power level"
+            f" {management.moderator_level}; a leak group every"
+            f" {management.leak_interval_seconds:g} s; bans into {management.policy_list or '-'};"
+            f" alarms {'on' if management.alarms else 'off'})"
+        )
+    else:
+        print("  management   off")
     print(f"  key servers  {', '.join(k.server_name for k in config.trusted_key_servers) or '-'}")
     print(f"  policy lists {', '.join(config.policy_lists) or '-'}")
     print(f"  spaces       {', '.join(config.spaces) or '-'}")
@@ -205,7 +215,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
     if not config.room_admin_token:
         print(
-            "  note: without homeserver.room_admin_token_file, approve/deny/spaces sync cannot write"
+            "  note: without homeserver.room_admin_token_file, approve/deny/spaces sync (and the"
+            " management room's) cannot write"
         )
     if not config.admin_token:
         print("  warning: without homeserver.access_token_file modgud cannot read room state")

@@ -518,15 +518,15 @@ class ManagementBot:
     # -- commands and reactions
 
     async def command(self, event_id: str, sender: str, body: str) -> None:
-        try:
-            command = notices.parse_command(body)
-        except CommandError as e:
-            answer = notices.text_message(f"{e}")
-        else:
-            refusal = await self.refused(sender, "give modgud commands")
-            if refusal is None:
+        answer = await self.refused(sender, "give modgud commands")
+        if answer is None:
+            try:
+                command = notices.parse_command(body)
+            except CommandError as e:
+                answer = notices.text_message(f"{e}")
+            else:
                 logger.info("management room: %s from %s", command.verb, sender)
-            answer = refusal or await self.run_command(command, sender)
+                answer = await self.run_command(command, sender)
         post = Post(txn_for("answer", event_id), "answer", event_id, answer.content(event_id))
         await asyncio.to_thread(self.memory.record, [post], self.clock(), acted=event_id)
         await self.flush()

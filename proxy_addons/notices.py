@@ -57,12 +57,12 @@ class Message:
 
     def content(self, thread_of: str | None = None) -> dict[str, Any]:
         """The event content; in the thread of `thread_of` when given (a reply for clients
-        without threads: is_falling_back)."""
+        without threads: is_falling_back). Cut to fit well within an event's 64 KiB."""
         content: dict[str, Any] = {
             "msgtype": "m.notice",
-            "body": self.plain,
+            "body": _cut(self.plain),
             "format": "org.matrix.custom.html",
-            "formatted_body": self.html,
+            "formatted_body": _cut(self.html),
         }
         return in_thread(content, thread_of) if thread_of else content
 
@@ -79,6 +79,15 @@ def in_thread(content: Mapping[str, Any], thread_of: str) -> dict[str, Any]:
             "m.in_reply_to": {"event_id": thread_of},
         },
     }
+
+
+MAX_BODY_CHARS = 7_000  # two bodies of up to 4 bytes (UTF-8) a character: under 64 KiB
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_BODY_CHARS:
+        return text
+    return text[: MAX_BODY_CHARS - 40] + "\n… (cut; the CLI shows everything)"
 
 
 class _Builder:

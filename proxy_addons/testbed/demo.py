@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proxy_addons.leaks import LEAK_RULES
+from proxy_addons.testbed.homeserver import ClientError, wait_for
+from proxy_addons.testbed.member import Member
 from proxy_addons.testbed.scenarios import SCENARIOS, Outcome, Stage, run_scenario
 from proxy_addons.testbed.topology import Topology
 
@@ -96,11 +99,98 @@ def _outbound_chapter(n: int, topo: Topology) -> int:
     return int(got) + int(not outbound)
 
 
+def _show(message: dict[str, Any], lines: int = 12) -> None:
+    for line in message["content"]["body"].split("\n")[:lines]:
+        say(f"   | {line}")
+
+
+def _management_chapter(n: int, topo: Topology) -> int:
+    """The management room: a knock approved by a moderator's reaction, the leaks of the
+    chapters above as grouped messages, a space-wide power-level change with one room
+    allowed to fail. Returns the number of unmet expectations."""
+    bot = topo.users["modgud"]
+    mod = Member(topo.hs1.base_url, topo.tokens["mod"], topo.users["mod"], topo.management_room)
+    say(
+        f"\n{n}. The management room {topo.management_room}: modgud's bot {bot} posts knocks,"
+        f" leaks and alarms there, and {topo.users['mod']} (power level 50) answers in Matrix."
+    )
+    failures = 0
+    room_id = topo.alice.create_room(room_version="10", name="knock first")
+    topo.alice.send_state(room_id, "m.server.knock_rule", "", {"rule": "active"})
+    time.sleep(1.5)
+    knock = {"edu_type": "m.server.knock", "content": {"room_id": room_id}}
+    topo.peer_send(topo.unknown, edus=[knock])
+    posted = wait_for(
+        lambda: [
+            e
+            for e in mod.posts(bot, f"Knock: {topo.unknown.name}")
+            if room_id in e["content"]["body"]
+        ],
+        30,
+    )
+    if not posted:
+        say("   UNEXPECTED: no knock message")
+        return 1
+    say(f"   {topo.unknown.name} knocks on {room_id}; the bot posts:")
+    _show(posted[0])
+    say(f"   {topo.users['mod']} reacts ✅ on it; the bot answers in the knock's thread:")
+    mod.react(posted[0]["event_id"], "✅")
+    answer = wait_for(lambda: mod.answers(bot, posted[0]["event_id"]), 30)
+    if answer:
+        _show(answer[0])
+    else:
+        failures += 1
+        say("   UNEXPECTED: no answer")
+
+    def state() -> dict[str, Any] | None:
+        try:
+            return topo.alice.get_state(room_id, "m.server.participation", topo.unknown.name)
+        except ClientError:
+            return None
+
+    written = wait_for(state, 30)
+    say(f"   m.server.participation of {topo.unknown.name} in the room: {written}")
+    failures += 0 if written and written.get("participation") == "permitted" else 1
+
+    leaks = wait_for(lambda: mod.posts(bot, "Leak in "), 30) or []
+    found = [f for f in topo.findings() if f["rule"] in LEAK_RULES]
+    say(
+        f"\n   The leaks of the chapters above: {len(found)} finding(s), {len(leaks)} message(s),"
+        " one per (room, blamed server, rule); more events of a group are counted and posted"
+        " in its thread at most every leak_interval_seconds. The relayed leak's:"
+    )
+    relayed = [p for p in leaks if "rule acl.sender" in p["content"]["body"]] or leaks
+    if relayed:
+        _show(relayed[0], lines=4)
+    else:
+        failures += 1
+
+    carol = topo.users["carol"]
+    space, rooms, locked = topo.space_with_a_locked_room({"users": {carol: 50}, "ban": 60})
+    command = f"!modgud space powerlevels sync {space} allow-fail={locked}"
+    say(
+        f"\n   A space-wide power-level change: the space's m.space.power_levels gives {carol} 50"
+        f" and the ban level 60; in {locked} the room admin has no power, so it is allowed to"
+        f" fail. {topo.users['mod']} sends: {command}"
+    )
+    sent = mod.say(command)
+    answer = wait_for(lambda: mod.answers(bot, sent), 60)
+    if answer:
+        _show(answer[0], lines=20)
+    else:
+        failures += 1
+        say("   UNEXPECTED: no answer")
+    levels = topo.alice.get_state(rooms[0], "m.room.power_levels") or {}
+    say(f"   {rooms[0]} now gives {carol} level {levels.get('users', {}).get(carol)}")
+    failures += 0 if levels.get("users", {}).get(carol) == 50 else 1
+    return failures
+
+
 def run(workdir: Path) -> int:
     started = time.monotonic()
     say("modgud demo: starting real Synapse homeservers, the federation peer and modgud…")
     failures = 0
-    with Topology(workdir, mode="enforce", outbound=True) as topo:
+    with Topology(workdir, mode="enforce", outbound=True, management=True) as topo:
         say(
             f"  hs1      {topo.hs1.server_name:<22} Synapse behind modgud (enforce), with modgud's module;"
             " its own federation goes out through modgud too (https_proxy)"
@@ -131,6 +221,7 @@ def run(workdir: Path) -> int:
             failures += len(outcome.failures)
 
         failures += _outbound_chapter(len(CHAPTERS) + 1, topo)
+        failures += _management_chapter(len(CHAPTERS) + 2, topo)
 
         say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, among them:")
         for line in topo.metrics_text().splitlines():

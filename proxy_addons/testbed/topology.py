@@ -514,6 +514,24 @@ class Topology:
             txn_id=txn_id,
         )
 
+    def space_with_a_locked_room(self, levels: dict[str, Any]) -> tuple[str, list[str], str]:
+        """A space of alice's with m.space.power_levels `levels` and three rooms: two of
+        alice's and one another user created, where alice — the room admin — is at 0.
+        Returns (space, the rooms, the locked room)."""
+        via = {"via": [self.hs1.server_name]}
+        space = self.alice.create_room(name="power levels space")
+        rooms = [
+            self.alice.create_room(name="space room"),
+            self.alice.create_room(room_version="10"),
+        ]
+        _, token = self.hs1.register_user(f"dave{secrets.token_hex(4)}")
+        locked = ClientApi(self.hs1.base_url, token).create_room(name="dave's room")
+        self.alice.join(locked)
+        for room in (*rooms, locked):
+            self.alice.send_state(space, "m.space.child", room, via)
+        self.alice.send_state(space, "m.space.power_levels", "", levels)
+        return space, [*rooms, locked], locked
+
     # -- crafted federation traffic ------------------------------------------------------
 
     def hs1_event(self, event_id: str) -> dict[str, Any] | None:

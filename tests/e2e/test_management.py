@@ -5,20 +5,15 @@ its approval neither repeats nor loses anything."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import pytest
-from mautrix.api import HTTPAPI, Method, Path
-from mautrix.client import ClientAPI
-from mautrix.types import EventType, MessageType, RoomID, TextMessageEventContent
 
 from proxy_addons.testbed.homeserver import ClientError
+from proxy_addons.testbed.member import Member
 from proxy_addons.testbed.peer import PeerError
 from proxy_addons.testbed.topology import Topology
 
@@ -36,61 +31,16 @@ def managed(tmp_path_factory):
     topo.stop()
 
 
-class Member:
-    """A member of the management room, speaking through mautrix."""
-
-    def __init__(self, topo: Topology, name: str) -> None:
-        self.base_url = topo.hs1.base_url
-        self.token = topo.tokens[name]
-        self.user_id = topo.users[name]
-        self.room = RoomID(topo.management_room)
-
-    def _run[T](self, call: Callable[[ClientAPI], Awaitable[T]]) -> T:
-        async def go() -> T:
-            async with aiohttp.ClientSession() as session:
-                api = HTTPAPI(base_url=self.base_url, token=self.token, client_session=session)
-                return await call(ClientAPI(api=api))
-
-        return asyncio.run(go())
-
-    def say(self, body: str) -> str:
-        content = TextMessageEventContent(msgtype=MessageType.TEXT, body=body)
-        return str(
-            self._run(lambda c: c.send_message_event(self.room, EventType.ROOM_MESSAGE, content))
-        )
-
-    def react(self, event_id: str, key: str) -> str:
-        return str(self._run(lambda c: c.react(self.room, event_id, key)))
-
-    def messages(self) -> list[dict[str, Any]]:
-        """The room's messages, oldest first, raw."""
-        page = self._run(
-            lambda c: c.api.request(
-                Method.GET,
-                Path.v3.rooms[self.room].messages,
-                query_params={"dir": "b", "limit": "500"},
-            )
-        )
-        return [e for e in reversed(page["chunk"]) if e["type"] == "m.room.message"]
+def member(topo: Topology, name: str) -> Member:
+    return Member(topo.hs1.base_url, topo.tokens[name], topo.users[name], topo.management_room)
 
 
 def bot_posts(member: Member, bot: str, starts: str) -> list[dict[str, Any]]:
-    return [
-        e
-        for e in member.messages()
-        if e["sender"] == bot and e["content"].get("body", "").startswith(starts)
-    ]
+    return member.posts(bot, starts)
 
 
 def answers_to(member: Member, bot: str, event_id: str) -> list[dict[str, Any]]:
-    """The bot's messages in the thread of `event_id`."""
-    return [
-        e
-        for e in member.messages()
-        if e["sender"] == bot
-        and e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"
-        and e["content"]["m.relates_to"].get("event_id") == event_id
-    ]
+    return member.answers(bot, event_id)
 
 
 def wait_for(predicate, timeout=30.0):
@@ -141,7 +91,7 @@ def test_a_knock_is_posted_and_a_moderators_reaction_approves_it(managed):
     and the commands) → a moderator's ✅ → m.server.participation permitted in the room →
     the server joins and posts; the approval is answered in the knock's thread."""
     topo = managed
-    mod = Member(topo, "mod")
+    mod = member(topo, "mod")
     room_id = knocking_room(topo)
     knock(topo, room_id)
     message = knock_message(topo, mod, room_id)
@@ -185,7 +135,7 @@ def test_a_member_without_power_is_refused_and_nothing_happens(managed):
     """`visitor` (level 0) sends approve and reacts ✅ on a knock: both are answered with
     a refusal naming the level needed, and no participation is written."""
     topo = managed
-    mod, visitor = Member(topo, "mod"), Member(topo, "visitor")
+    mod, visitor = member(topo, "mod"), member(topo, "visitor")
     room_id = knocking_room(topo)
     knock(topo, room_id)
     message = knock_message(topo, mod, room_id)
@@ -207,7 +157,7 @@ def test_commands_are_answered_in_their_thread(managed):
     """help, knocks, findings, leaks, history and a bad command, each answered once in
     the command's thread; ban and unban write and remove a rule in the policy list."""
     topo = managed
-    mod = Member(topo, "mod")
+    mod = member(topo, "mod")
     bot = topo.users["modgud"]
     sent = {
         "help": mod.say("!modgud help"),
@@ -248,7 +198,7 @@ def test_a_leak_is_one_grouped_message_not_one_per_event(managed):
     """hs3 relays five events written by hs2, which the room's ACL denies: five findings
     blaming hs3, one message for the group (room, hs3, acl.sender) naming the events."""
     topo = managed
-    mod = Member(topo, "mod")
+    mod = member(topo, "mod")
     room_id = topo.alice.create_room(room_version="10")
     for api, user in ((topo.bob, "bob"), (topo.carol, "carol")):
         api.join(room_id, via=[topo.hs1.server_name])
@@ -290,7 +240,7 @@ def test_a_restart_between_knock_and_approval_repeats_and_loses_nothing(managed)
     while it is down; after the restart the approval is made, the command answered once,
     and the knock is not posted again."""
     topo = managed
-    mod = Member(topo, "mod")
+    mod = member(topo, "mod")
     bot = topo.users["modgud"]
     room_id = knocking_room(topo)
     knock(topo, room_id)
@@ -315,3 +265,35 @@ def test_a_restart_between_knock_and_approval_repeats_and_loses_nothing(managed)
     assert len(knocks) == 1
     assert len(answers_to(mod, bot, command)) == 1
     assert len(answers_to(mod, bot, message["event_id"])) == 1
+
+
+def test_space_power_levels_from_the_room_with_one_room_allowed_to_fail(managed):
+    """`space powerlevels drift|sync` from the management room: a room where the room
+    admin lacks power blocks the sync (nothing changes, the answer names it); allowed to
+    fail, the other rooms get the space's levels merged in."""
+    topo = managed
+    mod = member(topo, "mod")
+    bot = topo.users["modgud"]
+    carol = topo.users["carol"]
+    space, rooms, locked = topo.space_with_a_locked_room({"users": {carol: 50}, "ban": 60})
+    own, older = rooms[0], rooms[1]
+    before = topo.alice.get_state(own, "m.room.power_levels")
+
+    drift = mod.say(f"!modgud space powerlevels drift {space}")
+    (answer,) = wait_for(lambda: answers_to(mod, bot, drift))
+    assert "3 differ" in answer["content"]["body"], answer["content"]["body"]
+    assert answer["content"]["formatted_body"].startswith("<pre><code>")
+
+    refused = mod.say(f"!modgud space powerlevels sync {space}")
+    (answer,) = wait_for(lambda: answers_to(mod, bot, refused), timeout=60)
+    assert "nothing changed" in answer["content"]["body"] and locked in answer["content"]["body"]
+    assert topo.alice.get_state(own, "m.room.power_levels") == before
+
+    synced = mod.say(f"!modgud space powerlevels sync {space} allow-fail={locked}")
+    (answer,) = wait_for(lambda: answers_to(mod, bot, synced), timeout=60)
+    assert f"skipped {locked}" in answer["content"]["body"], answer["content"]["body"]
+    for room in (own, older):
+        levels = topo.alice.get_state(room, "m.room.power_levels")
+        assert levels is not None and levels["users"][carol] == 50 and levels["ban"] == 60
+    locked_levels = topo.alice.get_state(locked, "m.room.power_levels")
+    assert locked_levels is not None and carol not in locked_levels.get("users", {})

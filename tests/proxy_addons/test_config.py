@@ -242,13 +242,21 @@ def test_shipped_example_config_is_valid(tmp_path):
     shutil.copy(example, path)
     # check-config opens the database: /var/lib/modgud is not on a test machine.
     path.write_text(path.read_text().replace("/var/lib/modgud/modgud.db", "modgud.db"))
-    for name in ("fullchain.pem", "privkey.pem", "hook.token", "admin.token", "moderator.token"):
+    for name in (
+        "fullchain.pem",
+        "privkey.pem",
+        "hook.token",
+        "admin.token",
+        "moderator.token",
+        "bot.token",
+    ):
         (tmp_path / name).write_text("x")
     (tmp_path / "homeserver.signing.key").write_text("ed25519 a_key " + "A" * 43 + "\n")
     config = load_config(path)
     assert config.outbound is not None and config.outbound_signing_key is not None
     assert config.policy_lists == ("!banlist:example.org",)
     assert config.check_actions.setting("edu_impersonation", None, ()).action == "flag"
+    assert config.management is not None and config.management.policy_list == "!banlist:example.org"
     assert main(["check-config", str(path)]) == 0
 
 

@@ -1,6 +1,8 @@
 """What the management room says and understands: messages with both bodies, commands
 parsed or refused with a usage line, reactions read as decisions."""
 
+import json
+
 import pytest
 
 from proxy_addons.notices import (
@@ -170,3 +172,24 @@ def test_a_threaded_answer_relates_to_its_command():
         "is_falling_back": True,
         "m.in_reply_to": {"event_id": "$cmd"},
     }
+
+
+def test_a_long_answer_is_cut_to_fit_an_event():
+    """Fifty findings with long details must still be one sendable event (64 KiB)."""
+    from proxy_addons.notices import MAX_BODY_CHARS, findings_message
+
+    rows = [
+        {
+            "ts": 0.0,
+            "action": "dropped",
+            "rule": "acl.sender",
+            "attributed_to": "r.test",
+            "room_id": ROOM,
+            "event_id": f"$e{n}",
+            "detail": "🚨" * 2000,  # 4 bytes each in the event's (UTF-8) JSON
+        }
+        for n in range(50)
+    ]
+    content = findings_message(rows).content("$cmd")
+    assert len(content["body"]) <= MAX_BODY_CHARS and content["body"].endswith("shows everything)")
+    assert len(json.dumps(content, ensure_ascii=False).encode()) < 65_536
