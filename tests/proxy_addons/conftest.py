@@ -25,6 +25,16 @@ from rules.roomversion import get_room_version
 from rules.xmatrix import sign_request
 from tests.pg import pg_url, postgres  # noqa: F401 - fixtures: a real PostgreSQL
 
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """A database on each engine: an SQLite path, or a fresh PostgreSQL database's URL
+    (the store's, the database layer's and the management room's tests run on both)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "m.db")
+    return request.getfixturevalue("pg_url")
+
+
 LOCAL = "hs.test"
 ROOM = "!room:hs.test"
 OPEN_ROOM = "!open:hs.test"

@@ -115,10 +115,64 @@ def test_full_config_reads_tokens_from_files(tmp_path):
             "expected info",
         ),
         (MINIMAL + "policy:\n  spaces: [lobby]\n", "policy.spaces", 4, "room IDs"),
+        # management: (bot.token exists; missing.token does not)
+        (
+            MINIMAL + "management: {access_token_file: bot.token}\n",
+            "management.room",
+            3,
+            "is required",
+        ),
+        (
+            MINIMAL + "management:\n  room: '#alias:x'\n  access_token_file: bot.token\n",
+            "management.room",
+            4,
+            "expected the management room's ID",
+        ),
+        (
+            MINIMAL + "management:\n  room: '!m:x'\n",
+            "management.access_token_file",
+            4,
+            "is required",
+        ),
+        (
+            MINIMAL + "management:\n  room: '!m:x'\n  access_token_file: missing.token\n",
+            "management.access_token_file",
+            5,
+            "cannot read",
+        ),
+        (
+            MINIMAL
+            + "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  moderator_level: high\n",
+            "management.moderator_level",
+            6,
+            "expected int",
+        ),
+        (
+            MINIMAL
+            + "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  leak_interval_seconds: 0\n",
+            "management.leak_interval_seconds",
+            6,
+            "must be positive",
+        ),
+        (
+            MINIMAL
+            + "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  policy_list: bans\n",
+            "management.policy_list",
+            6,
+            "expected a room ID",
+        ),
+        (
+            MINIMAL
+            + "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  colour: red\n",
+            "management.colour",
+            6,
+            "unknown key",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_line(tmp_path, text, key, line, message):
     """Every config error carries the file, the dotted key and the line of that key."""
+    (tmp_path / "bot.token").write_text("bot-secret")
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -344,55 +398,3 @@ def test_management_room_settings(tmp_path):
     )
     assert "bot-secret" not in repr(config)
     assert load_config(write(tmp_path, MINIMAL)).management is None
-
-
-@pytest.mark.parametrize(
-    ("section", "key", "line", "message"),
-    [
-        ("management: {access_token_file: bot.token}\n", "management.room", 3, "is required"),
-        (
-            "management:\n  room: '#alias:x'\n  access_token_file: bot.token\n",
-            "management.room",
-            4,
-            "expected the management room's ID",
-        ),
-        ("management:\n  room: '!m:x'\n", "management.access_token_file", 4, "is required"),
-        (
-            "management:\n  room: '!m:x'\n  access_token_file: missing.token\n",
-            "management.access_token_file",
-            5,
-            "cannot read",
-        ),
-        (
-            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  moderator_level: high\n",
-            "management.moderator_level",
-            6,
-            "expected int",
-        ),
-        (
-            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  leak_interval_seconds: 0\n",
-            "management.leak_interval_seconds",
-            6,
-            "must be positive",
-        ),
-        (
-            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  policy_list: bans\n",
-            "management.policy_list",
-            6,
-            "expected a room ID",
-        ),
-        (
-            "management:\n  room: '!m:x'\n  access_token_file: bot.token\n  colour: red\n",
-            "management.colour",
-            6,
-            "unknown key",
-        ),
-    ],
-)
-def test_bad_management_settings_name_key_and_line(tmp_path, section, key, line, message):
-    (tmp_path / "bot.token").write_text("bot-secret")
-    with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, MINIMAL + section))
-    error = caught.value
-    assert (error.key, error.line) == (key, line)
-    assert message in error.message

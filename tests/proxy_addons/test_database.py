@@ -32,13 +32,6 @@ from proxy_addons.store import (
 from tests.proxy_addons.test_store import record
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "m.db")
-    return request.getfixturevalue("pg_url")
-
-
 def versions(target: str) -> list[int]:
     with reading(target) as conn:
         return [v for (v,) in conn.tuples("SELECT version FROM modgud_schema ORDER BY version")]

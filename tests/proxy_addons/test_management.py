@@ -18,11 +18,8 @@ from proxy_addons.management import (
 from proxy_addons.store import FindingRecord, FindingStore, KnockRecord
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def memory(request, tmp_path):
-    target = (
-        str(tmp_path / "m.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    )
+@pytest.fixture
+def memory(target):
     with writing(target):
         pass  # migrated
     return Memory(target)

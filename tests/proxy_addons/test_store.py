@@ -13,14 +13,6 @@ from proxy_addons.database import open_db, writing
 from proxy_addons.store import FINDING_COLUMNS, FindingRecord, FindingStore, query_findings
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    """Where the store writes: an SQLite path, or a fresh PostgreSQL database's URL."""
-    if request.param == "sqlite":
-        return str(tmp_path / "m.db")
-    return request.getfixturevalue("pg_url")
-
-
 def record(ts, rule="acl.sender", room="!r:x", action="dropped"):
     return FindingRecord(
         ts=ts,
@@ -117,8 +109,6 @@ def test_records_wait_out_a_full_disk_and_are_written_after(tmp_path):
     mount the tmpfs (CI on this machine type runs as root); skipped otherwise."""
     import os
     import subprocess
-
-    import pytest
 
     mount = tmp_path / "small"
     mount.mkdir()
