@@ -2,7 +2,7 @@
 (grafana/alerts/modgud.rules.yaml) that a moderator can act on, read from this process's
 own counters.
 
-Every `ALARM_WINDOW_SECONDS` the management room takes a snapshot of the counters
+Every `management.alarm_window_seconds` (a minute) the management room takes a snapshot of the counters
 (`read_counters`) and compares it with the last one (`evaluate`): an alarm is raised in the
 window its condition first holds and cleared in the first window it no longer does, so the
 room gets one message when trouble starts and one when it ends, not one per minute. Each
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-__all__ = ["ALARM_WINDOW_SECONDS", "Alarm", "AlarmState", "Counters", "evaluate", "read_counters"]
+__all__ = ["Alarm", "AlarmState", "Counters", "evaluate", "read_counters"]
 
-ALARM_WINDOW_SECONDS = 60.0
 # As ModgudStateSourceFailing: more than 20% of the window's fetches failed, and enough of
 # them that one timeout among two fetches is not an alarm.
 STATE_ERROR_SHARE = 0.2

@@ -79,6 +79,7 @@ class Management:
     leak_interval_seconds: float = 600.0
     policy_list: str | None = None  # where `ban` writes; default the first policy list
     alarms: bool = True
+    alarm_window_seconds: float = 60.0  # how often the alarms' counters are compared
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,8 +502,9 @@ def _parse_management(
     if policy_list is None and policy_lists:
         policy_list = policy_lists[0]
     alarms = node.get("alarms", bool, True)
+    window = _seconds(node, "alarm_window_seconds", 60.0)
     node.reject_unknown()
-    return Management(room, token, api, level, interval, policy_list, alarms)
+    return Management(room, token, api, level, interval, policy_list, alarms, window)
 
 
 def _seconds(node: _Node, name: str, default: float) -> float:

@@ -37,7 +37,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -332,8 +332,10 @@ class ManagementBot:
         self._client: ClientAPI | None = None
         self._admin: ClientAPI | None = None
         self._room_admin: ClientAPI | None = None
-        self._alarm_counters: alarms.Counters | None = None
-        self._alarm_at = 0.0
+        # The registry's counters start at zero with the process: what fails before the
+        # bot's first look (at start-up, say) counts in its first window.
+        self._alarm_counters = alarms.Counters()
+        self._alarm_at = clock()
         self._active_alarms: set[alarms.Alarm] = set()
         self.leading = False
 
@@ -526,7 +528,7 @@ class ManagementBot:
                 answer = notices.text_message(f"{e}")
             else:
                 logger.info("management room: %s from %s", command.verb, sender)
-                answer = await self.run_command(command, sender)
+                answer = await self.guarded(self.run_command(command, sender), command.verb)
         post = Post(txn_for("answer", event_id), "answer", event_id, answer.content(event_id))
         await asyncio.to_thread(self.memory.record, [post], self.clock(), acted=event_id)
         await self.flush()
@@ -543,12 +545,27 @@ class ManagementBot:
     ) -> None:
         verb = "approve" if approve else "deny"
         refusal = await self.refused(sender, f"{verb} knocks")
-        answer = refusal or await self.decide(
-            room_id, server, approve, f"{sender} reacted {key}", sender
+        answer = refusal or await self.guarded(
+            self.decide(room_id, server, approve, f"{sender} reacted {key}", sender), verb
         )
         post = Post(txn_for("answer", event_id), "answer", event_id, answer.content(knock_message))
         await asyncio.to_thread(self.memory.record, [post], self.clock(), acted=event_id)
         await self.flush()
+
+    async def guarded(self, work: Awaitable[Message], what: str) -> Message:
+        """The answer of `work`, or — when it failed in a way nobody foresaw — an answer
+        saying so: a command that fails for good must be answered and marked done, or
+        every later command would wait behind it for ever."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - answered, and logged with its traceback
+            logger.exception("management room: %s failed", what)
+            return notices.text_message(
+                f"{what} failed: {_say(e)}. It may have been done in part; modgud's log has "
+                "the details."
+            )
 
     async def decide(
         self, room_id: str, server: str, approve: bool, how: str, sender: str
@@ -755,24 +772,24 @@ class ManagementBot:
         if not self.settings.alarms or self.registry is None:
             return
         now = self.clock()
-        if self._alarm_counters is not None and now - self._alarm_at < alarms.ALARM_WINDOW_SECONDS:
+        window = self.settings.alarm_window_seconds
+        if now - self._alarm_at < window:
             return
         counters = alarms.read_counters(self.registry)
-        if self._alarm_counters is not None:
-            changes, self._active_alarms = alarms.evaluate(
-                self._alarm_counters, counters, self._active_alarms
+        changes, active = alarms.evaluate(self._alarm_counters, counters, self._active_alarms)
+        for change in changes:
+            message = notices.alarm_message(
+                alarms.TITLES[change.alarm],
+                change.detail,
+                alarms.WHAT_TO_DO[change.alarm],
+                self.where,
+                change.raised,
             )
-            for change in changes:
-                message = notices.alarm_message(
-                    alarms.TITLES[change.alarm],
-                    change.detail,
-                    alarms.WHAT_TO_DO[change.alarm],
-                    self.where,
-                    change.raised,
-                )
-                logger.warning("management room alarm: %s", message.lines[0])
-                await self.send(message.content(), fresh_txn("alarm"))
-        self._alarm_counters, self._alarm_at = counters, now
+            logger.warning("management room alarm: %s", message.lines[0])
+            await self.send(message.content(), fresh_txn("alarm"))
+        # Only once all is posted: a change that could not be posted (the homeserver
+        # down) is evaluated, and posted, again in the next round.
+        self._alarm_counters, self._alarm_at, self._active_alarms = counters, now, active
 
 
 @dataclass(frozen=True, slots=True)

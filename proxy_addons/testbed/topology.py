@@ -287,6 +287,7 @@ class Topology:
             f"  room: '{self.management_room}'",
             "  access_token_file: bot.token",
             f"  leak_interval_seconds: {self.leak_interval_seconds}",
+            "  alarm_window_seconds: 5",
         ]
 
     def _module_entry(self) -> list[dict[str, Any]]:

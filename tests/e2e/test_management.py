@@ -297,3 +297,38 @@ def test_space_power_levels_from_the_room_with_one_room_allowed_to_fail(managed)
         assert levels is not None and levels["users"][carol] == 50 and levels["ban"] == 60
     locked_levels = topo.alice.get_state(locked, "m.room.power_levels")
     assert locked_levels is not None and carol not in locked_levels.get("users", {})
+
+
+def test_an_alarm_is_posted_when_it_starts_and_when_it_ends(managed):
+    """modgud restarted with a revoked admin token cannot read a room's state, and with
+    on_error: open lets the leaky server's message through unchecked: the management
+    room gets one alarm, and one "cleared" once a window passes without more."""
+    topo = managed
+    mod = member(topo, "mod")
+    bot = topo.users["modgud"]
+    room_id = topo.alice.create_room(room_version="10")
+    topo.peer_join(topo.leaky, "lee", room_id)
+    token = (topo.workdir / "admin.token").read_text()
+    topo.kill_modgud()
+    (topo.workdir / "admin.token").write_text("syt_revoked_token")
+    try:
+        topo.restart_modgud()
+        user = topo.leaky.user("lee")
+        _, pdu = topo.peer.build_event(
+            room_id, topo.leaky, user, "m.room.message", {"msgtype": "m.text", "body": "unchecked"}
+        )
+        assert topo.peer_send(topo.leaky, [pdu]).status == 200
+        unchecked = "events let through unchecked (on_error: open)"
+
+        def posted(start: str) -> list[dict[str, Any]]:
+            return [p for p in bot_posts(mod, bot, start) if unchecked in p["content"]["body"]]
+
+        raised = wait_for(lambda: posted("⚠ Alarm on"), timeout=60)
+        assert raised, topo.modgud_log()[-3000:]
+        assert "<b>Alarm</b>" in raised[0]["content"]["formatted_body"]
+        assert "item(s) let through unchecked" in raised[0]["content"]["body"]
+        assert wait_for(lambda: posted("✔ Cleared on"), timeout=60)
+        assert len(posted("⚠ Alarm on")) == 1  # raised once, not once a window
+    finally:
+        (topo.workdir / "admin.token").write_text(token)
+        topo.restart_modgud()

@@ -198,3 +198,68 @@ def test_a_group_quiet_for_a_day_gets_a_new_message():
 def test_a_finding_without_an_event_id_still_counts():
     posts, (group,) = plan_leak_posts([finding(1, event="")], {}, now=1.0, interval=600)
     assert group.total == 1 and len(posts) == 1
+
+
+def make_bot(tmp_path, **options):
+    from proxy_addons.config import load_config
+    from proxy_addons.management import ManagementBot
+
+    (tmp_path / "bot.token").write_text("t")
+    (tmp_path / "modgud.yaml").write_text(
+        "server_name: hs.test\nupstream: http://127.0.0.1:1\n"
+        "management: {room: '!m:hs.test', access_token_file: bot.token}\n"
+    )
+    return ManagementBot(load_config(tmp_path / "modgud.yaml"), **options)
+
+
+async def test_a_command_that_fails_unforeseen_is_answered_not_retried_for_ever(tmp_path):
+    """An exception nobody foresaw in a command becomes its answer (and is logged), so the
+    command is marked done instead of blocking every later one behind it."""
+    bot = make_bot(tmp_path)
+
+    async def boom():
+        raise RuntimeError("the homeserver said something odd")
+
+    answer = await bot.guarded(boom(), "ban")
+    assert answer.plain.startswith("ban failed: RuntimeError: the homeserver said something odd")
+    await bot.close()
+
+
+async def test_alarms_count_from_start_and_one_not_posted_is_posted_later(tmp_path):
+    """A fail-open before the bot's first look is in its first window (the counters start
+    at zero with the process); an alarm whose message could not be sent (the homeserver
+    down) is sent in the next round, and then not again. (The room is not reached here:
+    `send` is replaced; tests/e2e/test_management.py posts alarms into real Synapse.)"""
+    from prometheus_client import CollectorRegistry
+
+    from proxy_addons.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    now = [1000.0]
+    bot = make_bot(tmp_path, registry=registry, clock=lambda: now[0])
+    metrics.fail_open.labels("state").inc()  # before the bot ever looked
+    sent: list[str] = []
+    down = [True]
+
+    async def send(content, txn_id):
+        if down[0]:
+            raise OSError("homeserver unreachable")
+        sent.append(content["body"])
+        return "$x"
+
+    bot.send = send
+    await bot.watch_alarms()
+    assert sent == []  # within the first window
+    now[0] += 61
+    with pytest.raises(OSError):
+        await bot.watch_alarms()
+    down[0] = False
+    await bot.watch_alarms()  # the same window, evaluated again: posted now
+    assert len(sent) == 1 and "events let through unchecked" in sent[0]
+    now[0] += 61
+    await bot.watch_alarms()  # a quiet window: cleared, once
+    now[0] += 61
+    await bot.watch_alarms()
+    assert [body.split(" on ")[0] for body in sent] == ["⚠ Alarm", "✔ Cleared"]
+    await bot.close()
