@@ -610,13 +610,14 @@ def reading(target: str, timeout: float = 5.0) -> Iterator[Connection]:
 
 
 @contextmanager
-def writing(target: str) -> Iterator[Connection]:
-    """A connection to `target` (its schema brought up to date) with one transaction
-    around what is done with it, closed after; the engine's errors raised as
-    DatabaseError naming the database. For a command's single write (the store's
-    writer keeps a connection of its own)."""
+def writing(target: str, *, migrate: bool = True) -> Iterator[Connection]:
+    """A connection to `target` (its schema brought up to date, unless the caller knows
+    it is: `migrate=False`) with one transaction around what is done with it, closed
+    after; the engine's errors raised as DatabaseError naming the database. For a
+    command's single write (the store's writer keeps a connection of its own)."""
     db = open_db(target)
-    db.migrate()
+    if migrate:
+        db.migrate()
     try:
         conn = db.connect()
         try:

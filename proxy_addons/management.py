@@ -37,7 +37,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -50,7 +50,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy_addons import alarms, notices
 from proxy_addons.config import Config, Management
-from proxy_addons.database import DatabaseError, reading, writing
+from proxy_addons.database import Connection, DatabaseError, reading, writing
 from proxy_addons.leaks import LEAK_RULES, query_leaks
 from proxy_addons.notices import Command, CommandError, Message
 from proxy_addons.participation import ParticipationError, write_participation
@@ -117,10 +117,19 @@ class Memory:
 
     def __init__(self, database: str) -> None:
         self.database = database
+        self._migrated = False
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One transaction; the schema brought up to date on the first only (the bot
+        writes every round: a migration's lock and checks each time are for nothing)."""
+        with writing(self.database, migrate=not self._migrated) as db:
+            self._migrated = True
+            yield db
 
     def lead(self, holder: str, now: float, ttl: float = LEASE_SECONDS) -> bool:
         """Take or renew the leader lease; whether `holder` holds it."""
-        with writing(self.database) as db:
+        with self._writing() as db:
             db.execute(
                 "INSERT INTO management_cursors (name, holder, expires) VALUES ('leader', ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
@@ -132,7 +141,7 @@ class Memory:
         return row is not None and row[0] == holder
 
     def release(self, holder: str) -> None:
-        with writing(self.database) as db:
+        with self._writing() as db:
             db.execute(
                 "UPDATE management_cursors SET expires = 0 WHERE name = 'leader' AND holder = ?",
                 (holder,),
@@ -144,7 +153,7 @@ class Memory:
         return None if row is None else row[0]
 
     def set_cursor(self, name: str, value: str) -> None:
-        with writing(self.database) as db:
+        with self._writing() as db:
             _set_cursor(db, name, value)
 
     def latest_finding(self) -> int:
@@ -161,7 +170,7 @@ class Memory:
         return [Post(t, k, i, json.loads(c)) for t, k, i, c in rows]
 
     def mark_sent(self, txn_id: str, event_id: str, now: float) -> None:
-        with writing(self.database) as db:
+        with self._writing() as db:
             db.execute(
                 "UPDATE management_outbox SET event_id = ?, sent_at = ? WHERE txn_id = ?",
                 (event_id, now, txn_id),
@@ -239,7 +248,7 @@ class Memory:
         """In one transaction: messages into the outbox, cursors moved, leak groups
         updated (group_key, room_id, blamed, rule, first_txn, last_posted, unposted,
         total), a command or reaction marked done."""
-        with writing(self.database) as db:
+        with self._writing() as db:
             for post in posts:
                 db.execute(
                     "INSERT INTO management_outbox (txn_id, kind, item, content, created) "
@@ -262,7 +271,7 @@ class Memory:
 
     def begin(self, event_id: str, kind: str, sender: str, now: float) -> bool:
         """Whether a command or reaction is still to be acted on (not done before)."""
-        with writing(self.database) as db:
+        with self._writing() as db:
             db.execute(
                 "INSERT INTO management_acted (event_id, kind, sender, ts, done) "
                 "VALUES (?, ?, ?, ?, 0) ON CONFLICT (event_id) DO NOTHING",
@@ -272,7 +281,7 @@ class Memory:
         return row is not None and not row[0]
 
 
-def _set_cursor(db: Any, name: str, value: str) -> None:
+def _set_cursor(db: Connection, name: str, value: str) -> None:
     db.execute(
         "INSERT INTO management_cursors (name, value) VALUES (?, ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",

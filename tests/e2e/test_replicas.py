@@ -3,8 +3,8 @@ checks), in front of real Synapse as a homeserver that runs replicas runs it: on
 PostgreSQL, with a federation-inbound worker (Redis) that receives the federation
 traffic, modgud's module loaded there and in the main process, writing to modgud's
 database. Through it: the scenario corpus with the same outcome as through one modgud,
-a knock queued through one replica and approved through the other's CLI, and one replica
-killed under load."""
+a knock queued through one replica and approved through the other's CLI, one replica
+killed under load, and the management room's bot leading from one replica at a time."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from collections import Counter
 
 import pytest
 
+from proxy_addons.database import reading
+from proxy_addons.testbed.member import Member
 from proxy_addons.testbed.scenarios import SCENARIOS, run_scenario
 from proxy_addons.testbed.topology import Topology
 from tests.e2e.test_scenarios import _report
@@ -30,6 +32,7 @@ def replicas_topology(tmp_path_factory, postgres):
         replicas=2,
         database=postgres.create_database("modgud_replicas"),
         synapse_database=postgres.create_database("synapse_hs1", c_locale=True),
+        management=True,
     )
     topo.start()
     yield topo
@@ -220,3 +223,41 @@ def test_a_policy_list_ban_reaches_every_replica(replicas_topology):
             return topo.alice.wait_for_message(room_id, body, timeout=3) is not None
 
         assert topo.alice.wait_for(lifted, timeout=30, interval=1), topo.modgud_log(via)
+
+
+def test_one_bot_leads_and_the_other_takes_over_when_it_dies(replicas_topology):
+    """Both replicas run the management room's bot; one leads (a lease in PostgreSQL), so
+    a knock is posted once, not once per replica. The leader killed (-9, the lease not
+    given back), the other takes over once the lease runs out and posts the next knock."""
+    topo = replicas_topology
+    bot = topo.users["modgud"]
+    mod = Member(topo.hs1.base_url, topo.tokens["mod"], topo.users["mod"], topo.management_room)
+
+    def knock_posts(room_id: str) -> list[dict]:
+        return [e for e in mod.posts(bot, "Knock: ") if room_id in e["content"]["body"]]
+
+    def knocked_room() -> str:
+        room_id = topo.alice.create_room(room_version="10")
+        topo.alice.send_state(room_id, "m.server.knock_rule", "", {"rule": "active"})
+        time.sleep(1.5)
+        knock = {"edu_type": "m.server.knock", "content": {"room_id": room_id}}
+        assert topo.peer_send(topo.denied, edus=[knock]).status == 200
+        return room_id
+
+    first = knocked_room()
+    assert topo.alice.wait_for(lambda: knock_posts(first), timeout=30), topo.modgud_log(0)
+    time.sleep(5)  # the other replica's rounds too
+    assert len(knock_posts(first)) == 1
+    with reading(topo.database) as conn:
+        (holder,) = conn.one("SELECT holder FROM management_cursors WHERE name = 'leader'")
+    pid = int(holder.split(":")[-2])
+    (leader,) = [i for i, p in enumerate(topo.processes) if p is not None and p.pid == pid]
+    topo.kill_modgud(leader)
+    try:
+        second = knocked_room()  # through nginx: to the replica still alive
+        assert topo.alice.wait_for(lambda: knock_posts(second), timeout=90), topo.modgud_log(
+            1 - leader
+        )
+        assert len(knock_posts(first)) == 1  # not posted again by the new leader
+    finally:
+        topo.start_replica(leader)
