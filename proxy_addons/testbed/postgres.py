@@ -165,9 +165,28 @@ class Postgres:
             "stop",
             server=True,
         )
+        # pg_ctl waits for the postmaster; its children, sent SIGQUIT, may take a moment
+        # longer on a loaded machine. Stopped means gone.
+        deadline = time.monotonic() + 15
+        while processes_in(self.data) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __enter__(self) -> Postgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def processes_in(directory: Path) -> list[int]:
+    """The processes whose working directory is `directory`: a postmaster and its children
+    (whose command lines no longer name the data directory) all run in it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "cwd")) == directory:
+                    found.append(int(proc.name))
+            except OSError:
+                continue  # gone, or not ours to see
+    return found

@@ -3,14 +3,12 @@ reachable with psql, and nothing left running once stopped."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from proxy_addons.testbed.postgres import Postgres
+from proxy_addons.testbed.postgres import Postgres, processes_in
 from tests.pg import start_postgres
 
 seen: set[str] = set()
@@ -37,20 +35,6 @@ def test_each_test_gets_its_own_database(postgres, pg_url, n):  # noqa: F811
     psql(postgres, pg_url, "create table marker (n int)")
     psql(postgres, pg_url, f"insert into marker values ({n})")
     assert psql(postgres, pg_url, "select n from marker") == str(n)
-
-
-def processes_in(directory: Path) -> list[int]:
-    """The processes whose working directory is `directory`: a postmaster and its children
-    (whose command lines no longer name the data directory) all run in it."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if Path(os.readlink(proc / "cwd")) == directory:
-                    found.append(int(proc.name))
-            except OSError:
-                continue  # gone, or not ours to see
-    return found
 
 
 def test_stop_leaves_no_server(tmp_path_factory):
