@@ -431,6 +431,126 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if leaks else 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    """Audit rooms' stored history for leaks from before modgud; exit 1 when any."""
+    from proxy_addons.history import HistoryError, history_findings, redact_events
+    from rules.findings import Rule
+    from rules.policy import OperatorPolicy
+
+    config = load_config(args.config)
+    if bool(args.room) == bool(args.all):
+        print("modgud history: give a room ID or --all", file=sys.stderr)
+        return 2
+    policy = OperatorPolicy(
+        local_server=config.server_name, participation_rooms=frozenset(config.participation_rooms)
+    )
+    try:
+        rooms = [args.room] if args.room else asyncio.run(_all_rooms(config))
+        leaked = 0
+        for room_id in rooms:
+            run = asyncio.run(_history_of(config, room_id, policy, args))
+            recorded = history_findings(config.database, room_id)
+            leaked += len(recorded)
+            if not args.json:
+                _print_history(run, recorded)
+            if args.redact:
+                events = sorted(
+                    {
+                        r["event_id"]
+                        for r in recorded
+                        if r["event_id"] and r["rule"] != Rule.HISTORY_REFERENCE.value
+                    }
+                )
+                if not _confirm_redaction(args, room_id, events):
+                    continue
+                done = asyncio.run(
+                    redact_events(config, room_id, events, "leaked: modgud history audit")
+                )
+                for r in done:
+                    print(
+                        f"  {'redacted' if r.done else 'NOT redacted'} {r.event_id}"
+                        + (f": {r.problem}" if r.problem else "")
+                    )
+    except (HistoryError, DatabaseError) as e:
+        print(f"modgud history: {e}", file=sys.stderr)
+        return 2
+    return 1 if leaked else 0
+
+
+async def _all_rooms(config: Config) -> list[str]:
+    import aiohttp
+
+    from proxy_addons.history import list_rooms
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        return await list_rooms(session, config)
+
+
+async def _history_of(config: Config, room_id: str, policy: Any, args: argparse.Namespace) -> Any:
+    from proxy_addons.history import HistoryRun, as_json, audit_room
+
+    now = time.time()
+    terminal = sys.stderr.isatty() and not args.json
+
+    def on_event(audited: Any, event: Any) -> None:
+        if args.json:
+            for finding in audited.findings:
+                print(as_json(audited.position, finding, event, now), flush=True)
+
+    def on_page(run: HistoryRun) -> None:
+        if terminal:
+            rate = run.judged / run.seconds if run.seconds else 0.0
+            sys.stderr.write(
+                f"\r{room_id}: {run.position} events, {len(run.findings)} findings, {rate:,.0f}/s"
+            )
+            sys.stderr.flush()
+
+    run = await audit_room(
+        config,
+        room_id,
+        policy,
+        since=args.since,
+        restart=args.restart,
+        on_event=on_event,
+        on_page=on_page,
+    )
+    if terminal:
+        sys.stderr.write("\n")
+    return run
+
+
+def _print_history(run: Any, recorded: list[dict[str, Any]]) -> None:
+    resumed = f", resumed at {run.resumed_at}" if run.resumed_at else ""
+    print(
+        f"{run.room_id}: {run.judged} events judged in {run.seconds:.1f} s{resumed} "
+        f"(history: {run.position} events); {len(run.findings)} new findings, "
+        f"{len(recorded)} in all"
+    )
+    for r in recorded:
+        print(
+            f"  {r['rule']:<22} {r['event_id']}  by {r['sender'] or '-'}  "
+            f"blamed {r['attributed_to'] or '-'} ({r['confidence']})"
+        )
+        print(f"      {r['detail']}")
+
+
+def _confirm_redaction(args: argparse.Namespace, room_id: str, events: list[str]) -> bool:
+    if not events:
+        print(f"  nothing to redact in {room_id}")
+        return False
+    print(f"  {len(events)} leaked event(s) in {room_id} to redact:")
+    for event_id in events:
+        print(f"    {event_id}")
+    if args.yes:
+        return True
+    if sys.stdin.isatty():
+        answer = input("  redact them as the room admin? type the room ID to confirm: ")
+        if answer.strip() == room_id:
+            return True
+    print("  dry run: nothing redacted (confirm, or add --yes)")
+    return False
+
+
 def cmd_db_migrate_to(args: argparse.Namespace) -> int:
     """Copy an SQLite database's records into another database (PostgreSQL, for replicas);
     the counts of both, table by table, compared."""
@@ -552,6 +672,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["enforce", "audit"], help="the module's own mode (default: the config's)"
     )
     synapse.set_defaults(func=cmd_synapse_config)
+
+    history = sub.add_parser(
+        "history", help="audit rooms' stored history for leaks from before modgud"
+    )
+    history.add_argument("room", nargs="?", help="room ID")
+    history.add_argument("--all", action="store_true", help="every room the homeserver knows")
+    history.add_argument("--config", "-c", required=True, help="modgud.yaml")
+    history.add_argument(
+        "--since",
+        type=parse_since,
+        help="report only events from this time (the state is followed from the start)",
+    )
+    history.add_argument(
+        "--json", action="store_true", help="JSON lines: the fields of findings and position"
+    )
+    history.add_argument(
+        "--restart", action="store_true", help="start from the room's first event again"
+    )
+    history.add_argument(
+        "--redact", action="store_true", help="redact the leaked events (asks first)"
+    )
+    history.add_argument("--yes", action="store_true", help="with --redact: do not ask")
+    history.set_defaults(func=cmd_history)
 
     db = sub.add_parser("db", help="the findings database")
     db_sub = db.add_subparsers(dest="db_command", required=True)

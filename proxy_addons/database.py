@@ -158,6 +158,17 @@ def _management_tables(real: str) -> tuple[str, ...]:
     )
 
 
+def _history_tables(real: str) -> tuple[str, ...]:
+    """Where each room's history audit is (proxy_addons/history.py): the admin API's
+    pagination token after the last event judged, its position, and the audit's state
+    there (JSON), so that an audit stopped halfway resumes, and a finished one goes on
+    with the events stored since."""
+    return (
+        "CREATE TABLE IF NOT EXISTS history_cursors (room_id TEXT PRIMARY KEY, token TEXT, "
+        f"position INTEGER DEFAULT 0, snapshot TEXT, updated {real}, finished INTEGER DEFAULT 0)",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -172,6 +183,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "the management room: what was posted and acted on",
         _management_tables("REAL"),
         _management_tables("DOUBLE PRECISION"),
+    ),
+    Migration(
+        4,
+        "the history audit's cursors",
+        _history_tables("REAL"),
+        _history_tables("DOUBLE PRECISION"),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -347,6 +347,7 @@ class ManagementBot:
         self._alarm_at = clock()
         self._active_alarms: set[alarms.Alarm] = set()
         self.leading = False
+        self.started_ms = int(clock() * 1000)
 
     # Clients made on first use, inside the running loop.
     def _api(self, base_url: str, token: str | None) -> ClientAPI:
@@ -432,15 +433,17 @@ class ManagementBot:
             filter_id=FilterID(json.dumps(SYNC_FILTER)),  # Synapse takes a filter inline
         )
         next_batch = answer.get("next_batch")
-        if token is not None:
-            joined = answer.get("rooms", {}).get("join", {})
-            timeline = joined.get(self.room_id, {}).get("timeline", {})
-            events = list(timeline.get("events", []))
-            if timeline.get("limited") and timeline.get("prev_batch"):
-                events = await self.catch_up(str(timeline["prev_batch"])) + events
-            for event in events:
-                await self.handle(event)
-        # The first start acts on nothing from before it: only what comes next.
+        joined = answer.get("rooms", {}).get("join", {})
+        timeline = joined.get(self.room_id, {}).get("timeline", {})
+        events = list(timeline.get("events", []))
+        if token is None:
+            # The very first start acts on nothing from before modgud started (an old
+            # room's history of commands), only on what was said since.
+            events = [e for e in events if _ts(e) >= self.started_ms]
+        elif timeline.get("limited") and timeline.get("prev_batch"):
+            events = await self.catch_up(str(timeline["prev_batch"])) + events
+        for event in events:
+            await self.handle(event)
         if isinstance(next_batch, str):
             await asyncio.to_thread(self.memory.set_cursor, "sync_token", next_batch)
 
@@ -625,11 +628,25 @@ class ManagementBot:
         if verb in ("ban", "unban"):
             return await self.ban(command, sender)
         if verb == "history":
-            return notices.text_message(
-                f"The history audit of {command.room} is not built yet (the [history] issue): "
-                "modgud has no record of events from before it was installed. Nothing was done."
-            )
+            return await self.history(str(command.room))
         return await self.space(command)
+
+    async def history(self, room_id: str) -> Message:
+        """The history audit of a room (`modgud history ROOM`), in a thread of its own
+        with its own event loop: it reads and writes the database as it goes."""
+        from proxy_addons.history import HistoryError, audit_room, history_findings
+        from rules.policy import OperatorPolicy
+
+        policy = OperatorPolicy(
+            local_server=self.config.server_name,
+            participation_rooms=frozenset(self.config.participation_rooms),
+        )
+        try:
+            run = await asyncio.to_thread(asyncio.run, audit_room(self.config, room_id, policy))
+            recorded = await asyncio.to_thread(history_findings, self.config.database, room_id)
+        except HistoryError as e:
+            return notices.text_message(f"The history of {room_id} could not be read: {e}")
+        return notices.history_message(run.room_id, run.judged, run.position, recorded)
 
     async def findings(self, command: Command) -> Message:
         from proxy_addons.cli import parse_since  # the CLI's own reading of "1h", ISO times
@@ -884,6 +901,11 @@ def plan_leak_posts(
         posts.append(Post(fresh_txn("count"), "count", key, followup.content()))
         changed[key] = replace(group, last_posted=now, unposted=0)
     return posts, list(changed.values())
+
+
+def _ts(event: Mapping[str, Any]) -> int:
+    ts = event.get("origin_server_ts")
+    return ts if isinstance(ts, int) else 0
 
 
 def _say(error: BaseException) -> str:

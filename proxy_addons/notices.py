@@ -22,6 +22,7 @@ __all__ = [
     "Message",
     "alarm_message",
     "findings_message",
+    "history_message",
     "in_thread",
     "knocks_message",
     "leaks_message",
@@ -236,6 +237,28 @@ def findings_message(rows: Sequence[Mapping[str, Any]]) -> Message:
             f"{r['room_id'] or '-'} {r['event_id'] or '-'}: {r['detail']}"
         )
         b.add(line)
+    return b.message()
+
+
+def history_message(
+    room_id: str, judged: int, position: int, recorded: Sequence[Mapping[str, Any]]
+) -> Message:
+    """The `history` command: what the audit of a room's stored history found."""
+    b = _Builder()
+    b.add(
+        f"History of {room_id}: {judged} event(s) judged now, {position} in its history; "
+        f"{len(recorded)} history finding(s)" + (":" if recorded else ": it has not leaked.")
+    )
+    for r in recorded[:10]:
+        line = (
+            f"{r['rule']} {r['event_id']} by {r['sender'] or '-'}, blamed "
+            f"{r['attributed_to'] or '-'} ({r['confidence']})"
+        )
+        b.add(f"  {line}", f"&nbsp;&nbsp;{_e(line)}")
+    if len(recorded) > 10:
+        b.add(f"  … and {len(recorded) - 10} more")
+    if recorded:
+        b.add(f"All of them: modgud history {room_id} --json; to redact: --redact")
     return b.message()
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "StateChange",
     "copy_records",
     "decide_knock",
+    "insert_findings",
     "query_findings",
     "query_knocks",
     "state_changes_after",
@@ -398,7 +399,7 @@ class FindingStore:
         while True:
             try:
                 with db.transaction():
-                    _insert_findings(db, findings)
+                    insert_findings(db, findings)
                     if index:
                         db.executemany(EVENT_UPSERT, index)
                     for k in knocks:
@@ -460,7 +461,7 @@ _ENDPOINT = FINDING_COLUMNS.index("endpoint")
 _ACTION = FINDING_COLUMNS.index("action")
 
 
-def _insert_findings(db: Connection, rows: list[tuple[object, ...]]) -> None:
+def insert_findings(db: Connection, rows: list[tuple[object, ...]]) -> None:
     """One finding per event and rule between the edge and the homeserver's judges: an
     edge finding (it knows the delivering server) replaces theirs, and theirs is left out
     when one is recorded already (Synapse also asks again about an event it pulls) — but

@@ -62,6 +62,12 @@ class Rule(enum.StrEnum):
     BAD_REQUEST_SIGNATURE = "signature.request"  # X-Matrix missing, malformed or wrong
     BAD_EVENT_SIGNATURE = "signature.event"
     BAD_CONTENT_HASH = "hash.content"
+    # The history audit (rules/history.py): found in a room's stored history, after the fact.
+    HISTORY_ACL = "history.acl"  # written by a server the room's ACL denied at that point
+    HISTORY_PARTICIPATION = "history.participation"  # by a server not permitted then
+    HISTORY_POLICY = "history.policy_list"  # by a server a policy list banned then
+    HISTORY_POLICY_USER = "history.policy_user"  # by a user a policy list banned then
+    HISTORY_REFERENCE = "history.reference"  # built on an event found above
     STATE_UNAVAILABLE = "error.state_unavailable"  # room state could not be had
     INTERNAL_ERROR = "error.internal"
 

@@ -181,7 +181,8 @@ def test_commands_are_answered_in_their_thread(managed):
     assert body["knocks"].startswith(("No knocks are waiting", "1 knock", "2 knock", "3 knock"))
     assert "usage: !modgud approve" in body["bad"]
     assert "unknown command 'frobnicate'" in body["unknown"]
-    assert "not built yet" in body["history"]
+    assert body["history"].startswith(f"History of {topo.space}: ")
+    assert "0 history finding(s): it has not leaked." in body["history"]
 
     ban = mod.say("!modgud ban evil.test spam from there")
     (banned,) = wait_for(lambda: answers_to(mod, bot, ban))

@@ -1,0 +1,346 @@
+"""`modgud history`: has a room already leaked? An audit of the history the homeserver
+stored, from before modgud was installed too.
+
+The room's events are read oldest first through Synapse's admin API (`GET
+/_synapse/admin/v1/rooms/{room}/messages?dir=f&raw`: every event the homeserver keeps for
+the room, in topological order, in federation format — prev_events, depth and all) a
+page at a time, and judged by rules/history.py against the state in force at each event.
+Findings go into the findings database with the rules `history.*` (endpoint `history`,
+action `flagged`: the homeserver accepted them long ago), where `modgud findings` and
+`modgud leaks` show them.
+
+Large rooms: memory stays bounded (the audit keeps the relevant state, the joined members
+and a bounded set of refused events, never the history), and after every page the
+findings and a cursor — the page's pagination token and the audit's state there — are
+committed together, so an audit stopped at any point resumes where it was and records
+nothing twice; a finished audit run again goes on with the events stored since.
+
+`--redact` removes the leaked events (those written by servers refused at their point,
+not the events built on them, which their own permitted authors wrote) by redacting them
+as the room admin of `homeserver.room_admin_token_file`: a dry run unless confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from proxy_addons.config import Config
+from proxy_addons.database import open_db, reading, writing
+from proxy_addons.store import FINDING_COLUMNS, insert_findings
+from rules.findings import Finding
+from rules.history import AuditedEvent, HistoryAudit
+from rules.policy import OperatorPolicy
+
+__all__ = [
+    "HistoryError",
+    "HistoryRun",
+    "audit_room",
+    "history_findings",
+    "list_rooms",
+    "redact_events",
+]
+
+logger = logging.getLogger(__name__)
+
+PAGE_EVENTS = 500
+ENDPOINT = "history"
+# How `modgud history --json` names an event's place in the history.
+POSITION = "position"
+
+
+class HistoryError(Exception):
+    """Why the history could not be read, in words for the operator."""
+
+
+@dataclass
+class HistoryRun:
+    """What one run of the audit of one room did."""
+
+    room_id: str
+    judged: int = 0  # events judged in this run
+    position: int = 0  # the last event's position in the history
+    resumed_at: int = 0  # where this run began (0: the start)
+    findings: list[tuple[int, Finding]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+async def _get(session: aiohttp.ClientSession, url: str, token: str | None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with session.get(url, headers=headers) as resp:
+            if resp.status == 404:
+                raise HistoryError(f"unknown room: the homeserver has no room at {url}")
+            if resp.status in (401, 403):
+                raise HistoryError(
+                    f"the admin token was refused ({resp.status}): homeserver.access_token_file "
+                    "must hold a server admin's token"
+                )
+            if resp.status != 200:
+                raise HistoryError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
+            return await resp.json(content_type=None)
+    except aiohttp.ClientError as e:
+        raise HistoryError(f"homeserver unreachable: {e}") from None
+    except TimeoutError:
+        raise HistoryError(f"homeserver did not answer in time: {url}") from None
+
+
+async def read_history(
+    session: aiohttp.ClientSession,
+    config: Config,
+    room_id: str,
+    token: str | None,
+    page_events: int = PAGE_EVENTS,
+) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+    """Pages of the room's events, oldest first, from `token` (None: the start), each
+    with the token after it."""
+    base = (
+        f"{config.admin_api}/_synapse/admin/v1/rooms/{quote(room_id, safe='')}/messages"
+        f"?dir=f&limit={page_events}&raw=true"
+    )
+    while True:
+        url = base + (f"&from={quote(token, safe='')}" if token else "")
+        answer = await _get(session, url, config.admin_token)
+        chunk = answer.get("chunk") if isinstance(answer, dict) else None
+        if not isinstance(chunk, list):
+            raise HistoryError(f"unexpected answer from {url}: no chunk")
+        end = answer.get("end")
+        events = [e for e in chunk if isinstance(e, dict)]
+        if not events:
+            return
+        token = end if isinstance(end, str) else None
+        yield events, token
+        if token is None:
+            return
+
+
+async def list_rooms(session: aiohttp.ClientSession, config: Config) -> list[str]:
+    """Every room the homeserver knows (admin API), for `--all`."""
+    rooms: list[str] = []
+    start = 0
+    while True:
+        url = f"{config.admin_api}/_synapse/admin/v1/rooms?from={start}&limit=500"
+        answer = await _get(session, url, config.admin_token)
+        page = answer.get("rooms", []) if isinstance(answer, dict) else []
+        rooms += [r["room_id"] for r in page if isinstance(r, dict) and "room_id" in r]
+        following = answer.get("next_batch") if isinstance(answer, dict) else None
+        if not page or following is None:
+            return rooms
+        start = int(following)
+
+
+# -- the cursor --------------------------------------------------------------------------------
+
+
+def _load_cursor(database: str, room_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    with reading(database) as conn:
+        row = conn.one("SELECT token, snapshot FROM history_cursors WHERE room_id = ?", (room_id,))
+    if row is None or row[1] is None:
+        return None, None
+    return row[0], json.loads(row[1])
+
+
+def _checkpoint(
+    database: str,
+    room_id: str,
+    token: str | None,
+    audit: HistoryAudit,
+    findings: list[tuple[object, ...]],
+    finished: bool,
+) -> None:
+    """The page's findings and the cursor after it, committed together."""
+    with writing(database) as db:
+        insert_findings(db, findings)
+        db.execute(
+            "INSERT INTO history_cursors (room_id, token, position, snapshot, updated, finished) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET "
+            "token = excluded.token, position = excluded.position, "
+            "snapshot = excluded.snapshot, updated = excluded.updated, "
+            "finished = excluded.finished",
+            (
+                room_id,
+                token,
+                audit.position,
+                json.dumps(audit.snapshot()),
+                time.time(),
+                int(finished),
+            ),
+        )
+
+
+def forget_cursor(database: str, room_id: str) -> None:
+    with writing(database) as db:
+        db.execute("DELETE FROM history_cursors WHERE room_id = ?", (room_id,))
+
+
+def _delivered_by(database: str, event_ids: list[str]) -> dict[str, str]:
+    """The servers the event index saw deliver these events (modgud was in the path)."""
+    if not event_ids:
+        return {}
+    out: dict[str, str] = {}
+    with reading(database) as conn:
+        for event_id in event_ids:
+            row = conn.one(
+                "SELECT delivered_by FROM events WHERE event_id = ? AND delivered_by IS NOT NULL "
+                "ORDER BY first_seen LIMIT 1",
+                (event_id,),
+            )
+            if row is not None:
+                out[event_id] = str(row[0])
+    return out
+
+
+def _row(finding: Finding, event: Mapping[str, Any], now: float) -> tuple[object, ...]:
+    origin = event.get("origin")
+    values = {
+        "ts": now,
+        "rule": finding.rule.value,
+        "action": "flagged",
+        "severity": finding.severity.value,
+        "direction": "inbound",
+        "room_id": finding.room_id,
+        "event_id": finding.event_id,
+        "event_type": finding.event_type,
+        "sender": finding.sender,
+        "sender_server": finding.sender_server,
+        "origin": origin if isinstance(origin, str) else None,
+        "attributed_to": finding.attributed_to,
+        "confidence": finding.confidence.value,
+        "endpoint": ENDPOINT,
+        "txn_id": None,
+        "detail": finding.detail,
+    }
+    return tuple(values[c] for c in FINDING_COLUMNS)
+
+
+def as_json(position: int, finding: Finding, event: Mapping[str, Any], now: float) -> str:
+    """A `--json` line: the fields of `modgud findings`, and the event's position."""
+    row = dict(zip(FINDING_COLUMNS, _row(finding, event, now), strict=True))
+    row[POSITION] = position
+    return json.dumps(row, ensure_ascii=False)
+
+
+# -- the audit ---------------------------------------------------------------------------------
+
+
+async def audit_room(
+    config: Config,
+    room_id: str,
+    policy: OperatorPolicy,
+    *,
+    since: float | None = None,
+    restart: bool = False,
+    on_event: Callable[[AuditedEvent, Mapping[str, Any]], None] | None = None,
+    on_page: Callable[[HistoryRun], None] | None = None,
+    stop_after: int | None = None,
+    page_events: int = PAGE_EVENTS,
+) -> HistoryRun:
+    """Audit one room's history from its cursor (or the start), recording findings.
+    `since` (a Unix time): events older are followed (the state moves on) but not
+    reported. `stop_after`: stop after that many pages (tests: a run cut short)."""
+    open_db(config.database).migrate()  # a first audit may make the database
+    if restart:
+        forget_cursor(config.database, room_id)
+    token, snapshot = _load_cursor(config.database, room_id)
+    audit = (
+        HistoryAudit.restore(snapshot, room_id, config.server_name, policy)
+        if snapshot is not None
+        else HistoryAudit(room_id, config.server_name, policy)
+    )
+    run = HistoryRun(room_id, position=audit.position, resumed_at=audit.position)
+    started = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=max(30.0, config.state_timeout_seconds * 6))
+    pages = 0
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        pages_read = read_history(session, config, room_id, token, page_events)
+        async for events, next_token in pages_read:
+            ids = [e["event_id"] for e in events if isinstance(e.get("event_id"), str)]
+            delivered = _delivered_by(config.database, ids)
+            now = time.time()
+            rows: list[tuple[object, ...]] = []
+            for event in events:
+                event_id = event.get("event_id")
+                audited = audit.judge(
+                    event, delivered.get(event_id) if isinstance(event_id, str) else None
+                )
+                ts = event.get("origin_server_ts")
+                reported = since is None or (isinstance(ts, int) and ts / 1000 >= since)
+                if reported and audited.findings:
+                    for finding in audited.findings:
+                        rows.append(_row(finding, event, now))
+                        run.findings.append((audited.position, finding))
+                    if on_event is not None:
+                        on_event(audited, event)
+                run.judged += 1
+            run.position = audit.position
+            _checkpoint(config.database, room_id, next_token or token, audit, rows, False)
+            if next_token is not None:
+                token = next_token
+            pages += 1
+            run.seconds = time.monotonic() - started
+            if on_page is not None:
+                on_page(run)
+            if stop_after is not None and pages >= stop_after:
+                return run
+    _checkpoint(config.database, room_id, token, audit, [], True)
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def history_findings(database: str, room_id: str) -> list[dict[str, Any]]:
+    """The room's history findings recorded so far (this run's and earlier runs')."""
+    columns = ", ".join(FINDING_COLUMNS)
+    with reading(database) as conn:
+        return conn.dicts(
+            f"SELECT {columns} FROM findings WHERE room_id = ? AND endpoint = 'history' "  # noqa: S608
+            "ORDER BY id",
+            (room_id,),
+        )
+
+
+# -- redacting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    event_id: str
+    sender: str | None
+    done: bool
+    problem: str | None = None
+
+
+async def redact_events(
+    config: Config, room_id: str, event_ids: Iterable[str], reason: str
+) -> list[Redaction]:
+    """Redact the events as the room admin (Client-Server API), one by one; an event the
+    room admin may not redact is reported, the others still redacted."""
+    if not config.room_admin_token:
+        raise HistoryError(
+            "homeserver.room_admin_token_file is not set: a room admin's token is needed to redact"
+        )
+    out: list[Redaction] = []
+    headers = {"Authorization": f"Bearer {config.room_admin_token}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for event_id in event_ids:
+            url = (
+                f"{config.client_api}/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+                f"/redact/{quote(event_id, safe='')}/modgud-history-{secrets.token_hex(8)}"
+            )
+            try:
+                async with session.put(url, json={"reason": reason}, headers=headers) as resp:
+                    if resp.status == 200:
+                        out.append(Redaction(event_id, None, True))
+                    else:
+                        text = (await resp.text())[:200]
+                        out.append(Redaction(event_id, None, False, f"{resp.status} {text}"))
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise HistoryError(f"homeserver unreachable: {e}") from None
+    return out

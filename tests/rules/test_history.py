@@ -1,0 +1,244 @@
+"""The history audit's decisions (rules/history.py): each event judged by the room's state
+at that point, events built on refused ones, blame as far as history can tell, ambiguous
+order, bounded memory and resuming."""
+
+import json
+
+import pytest
+
+from rules.findings import Confidence, Rule
+from rules.history import HistoryAudit
+from rules.policy import BanList, OperatorPolicy
+
+ROOM = "!room:hs.test"
+LOCAL = "hs.test"
+DENY_EVIL = {"allow": ["*"], "deny": ["evil.test"], "allow_ip_literals": True}
+
+
+class History:
+    """A room's history as the admin API gives it (federation format), built in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def add(self, sender, event_type="m.room.message", state_key=None, content=None, **extra):
+        n = len(self.events) + 1
+        event = {
+            "event_id": f"$e{n}",
+            "room_id": ROOM,
+            "type": event_type,
+            "sender": sender,
+            "content": content if content is not None else {"body": f"m{n}"},
+            "depth": extra.pop("depth", n),
+            "prev_events": extra.pop(
+                "prev_events", [self.events[-1]["event_id"]] if self.events else []
+            ),
+            "auth_events": [],
+            **extra,
+        }
+        if state_key is not None:
+            event["state_key"] = state_key
+        self.events.append(event)
+        return event["event_id"]
+
+    def join(self, user):
+        return self.add(user, "m.room.member", user, {"membership": "join"})
+
+    def audit(self, policy=None, **kw):
+        audit = HistoryAudit(ROOM, LOCAL, policy or OperatorPolicy(local_server=LOCAL), **kw)
+        return [audit.judge(e) for e in self.events], audit
+
+
+def room(*members):
+    h = History()
+    h.add(
+        "@alice:hs.test", "m.room.create", "", {"room_version": "10", "creator": "@alice:hs.test"}
+    )
+    h.join("@alice:hs.test")
+    for m in members:
+        h.join(m)
+    return h
+
+
+def found(results):
+    return [
+        (r.event_id, f.rule, f.attributed_to, f.confidence) for r in results for f in r.findings
+    ]
+
+
+def test_an_acl_added_halfway_counts_only_for_the_events_after_it():
+    h = room("@eve:evil.test", "@bob:relay.test")
+    before = h.add("@eve:evil.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    after = h.add("@eve:evil.test")
+    results, _ = h.audit()
+    assert [(e, r) for e, r, _, _ in found(results)] == [(after, Rule.HISTORY_ACL)]
+    assert before not in {e for e, *_ in found(results)}
+    (finding,) = [f for r in results for f in r.findings]
+    assert finding.sender_server == "evil.test" and finding.room_id == ROOM
+    assert finding.detail.startswith(f"position {len(h.events)}: event written by evil.test")
+
+
+def test_an_event_built_on_a_leaked_one_is_found_and_blamed_on_its_author():
+    h = room("@eve:evil.test", "@bob:relay.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    leaked = h.add("@eve:evil.test")
+    builder = h.add("@bob:relay.test", prev_events=[leaked])
+    results, _ = h.audit()
+    assert found(results) == [
+        (leaked, Rule.HISTORY_ACL, "relay.test", Confidence.LOW),  # the only other server
+        (builder, Rule.HISTORY_REFERENCE, "relay.test", Confidence.MEDIUM),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("members", "delivered_by", "blamed", "confidence", "says"),
+    [
+        (["@bob:relay.test"], None, "relay.test", Confidence.LOW, "the only other server"),
+        (["@bob:relay.test", "@carl:other.test"], None, None, Confidence.LOW, "any of 2 servers"),
+        ([], None, None, Confidence.LOW, "no other server was in the room"),
+        (
+            ["@bob:relay.test", "@carl:other.test"],
+            "other.test",
+            "other.test",
+            Confidence.MEDIUM,
+            "modgud saw other.test",
+        ),
+        # A server refused itself cannot have brought it in (it could not deliver either).
+        (
+            ["@bob:relay.test", "@mal:evil.test"],
+            None,
+            "relay.test",
+            Confidence.LOW,
+            "the only other",
+        ),
+    ],
+)
+def test_blame_goes_as_far_as_history_can_tell(members, delivered_by, blamed, confidence, says):
+    h = room("@eve:evil.test", *members)
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    leaked = h.add("@eve:evil.test")
+    audit = HistoryAudit(ROOM, LOCAL, OperatorPolicy(local_server=LOCAL))
+    for event in h.events[:-1]:
+        audit.judge(event)
+    (finding,) = audit.judge(h.events[-1], delivered_by=delivered_by).findings
+    assert (finding.event_id, finding.attributed_to, finding.confidence) == (
+        leaked,
+        blamed,
+        confidence,
+    )
+    assert says in finding.detail
+
+
+def test_an_event_concurrent_with_the_acl_change_is_of_ambiguous_order():
+    """Stored after the ACL, but no deeper than it: it may have been sent before the
+    ACL existed. Found, with low confidence, and the finding says so."""
+    h = room("@eve:evil.test", "@bob:relay.test")
+    acl = h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    acl_depth = h.events[-1]["depth"]
+    h.add("@eve:evil.test", depth=acl_depth)
+    results, _ = h.audit()
+    (finding,) = [f for r in results for f in r.findings]
+    assert finding.confidence is Confidence.LOW
+    assert (
+        f"order ambiguous: concurrent with the state change at position {len(h.events) - 1}"
+        in finding.detail
+    )
+    assert acl
+
+
+def test_participation_and_policy_lists_and_banned_users():
+    h = room("@p:permitted.test", "@n:newbie.test", "@spam:ok.test")
+    h.add("@alice:hs.test", "m.server.knock_rule", "", {"rule": "active"})
+    h.add(
+        "@alice:hs.test", "m.server.participation", "permitted.test", {"participation": "permitted"}
+    )
+    fine = h.add("@p:permitted.test")
+    unpermitted = h.add("@n:newbie.test")
+    banned_user = h.add("@spam:ok.test")
+    policy = OperatorPolicy(
+        local_server=LOCAL, bans=BanList(servers=["ok.test"], users=["@spam:ok.test"])
+    )
+    results, _ = h.audit(policy)
+    rules = {(e, r) for e, r, _, _ in found(results)}
+    assert (unpermitted, Rule.HISTORY_PARTICIPATION) in rules
+    assert (banned_user, Rule.HISTORY_POLICY) in rules and (
+        banned_user,
+        Rule.HISTORY_POLICY_USER,
+    ) in rules
+    assert fine not in {e for e, _ in rules}
+
+
+def test_the_local_servers_own_events_are_never_judged():
+    h = room()
+    h.add("@alice:hs.test", "m.room.server_acl", "", {"allow": ["other.test"], "deny": []})
+    h.add("@alice:hs.test")  # hs.test is not in the allow list, but it is ours
+    results, _ = h.audit()
+    assert found(results) == []
+
+
+def test_a_benign_history_has_no_finding():
+    h = room("@bob:relay.test", "@carl:other.test")
+    for n in range(20):
+        h.add(["@bob:relay.test", "@carl:other.test", "@alice:hs.test"][n % 3])
+    results, _ = h.audit()
+    assert found(results) == [] and [r.position for r in results] == list(
+        range(1, len(h.events) + 1)
+    )
+
+
+def test_memory_is_bounded_by_the_refused_limit():
+    h = room("@eve:evil.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    for _ in range(50):
+        h.add("@eve:evil.test")
+    _, audit = h.audit(refused_limit=10)
+    assert len(audit.refused) == 10 and f"$e{len(h.events)}" in audit.refused
+
+
+def test_a_resumed_audit_finds_what_one_run_finds():
+    """Snapshot after any event, restore (as after a restart), go on: the same findings."""
+    h = room("@eve:evil.test", "@bob:relay.test")
+    h.add("@eve:evil.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    leaked = h.add("@eve:evil.test")
+    h.add("@bob:relay.test", prev_events=[leaked])
+    h.add("@alice:hs.test", "m.room.member", "@bob:relay.test", {"membership": "leave"})
+    h.add("@eve:evil.test")
+    whole, _ = h.audit()
+    for cut in range(len(h.events)):
+        first = HistoryAudit(ROOM, LOCAL, OperatorPolicy(local_server=LOCAL))
+        head = [first.judge(e) for e in h.events[:cut]]
+        again = HistoryAudit.restore(
+            json.loads(json.dumps(first.snapshot())),
+            ROOM,
+            LOCAL,
+            OperatorPolicy(local_server=LOCAL),
+        )
+        tail = [again.judge(e) for e in h.events[cut:]]
+        assert head + tail == whole, cut
+
+
+def test_hostile_events_are_judged_without_raising():
+    """History is whatever servers wrote: wrong types become no finding, never an error."""
+    audit = HistoryAudit(ROOM, LOCAL)
+    for event in (
+        {},
+        {"sender": 5},
+        {"sender": "@x:evil.test", "type": ["m.room.message"]},
+        {
+            "sender": "@x:evil.test",
+            "type": "m.room.member",
+            "state_key": "@x:evil.test",
+            "content": "join",
+        },
+        {"sender": "@x:evil.test", "prev_events": "nope", "depth": "deep"},
+        {
+            "sender": "@x:evil.test",
+            "type": "m.room.server_acl",
+            "state_key": "",
+            "content": {"deny": 3},
+        },
+    ):
+        audit.judge(event)
+    assert audit.position == 6
