@@ -197,7 +197,10 @@ def test_a_policy_list_ban_reaches_every_replica(replicas_topology):
     topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-replicas", rule)
 
     def send(body: str, via: int):
-        latest = topo.alice.messages(room_id, limit=1)[0]["event_id"]
+        # hs1's main process may not show the worker's newest event at once: wait for it.
+        newest = topo.alice.wait_for(lambda: topo.alice.messages(room_id, limit=1), timeout=10)
+        assert newest, "hs1 shows no event in the room"
+        latest = newest[0]["event_id"]
         content = {"msgtype": "m.text", "body": body}
         _, pdu = topo.peer.build_event(
             room_id, topo.spammer, spam, "m.room.message", content, prev_events=[latest]
@@ -213,7 +216,7 @@ def test_a_policy_list_ban_reaches_every_replica(replicas_topology):
                 for f in topo.findings(room=room_id)
             )
 
-        assert topo.alice.wait_for(refused, timeout=20, interval=1), topo.modgud_log(via)
+        assert topo.alice.wait_for(refused, timeout=40, interval=1), topo.modgud_log(via)
     topo.alice.send_state(topo.policy_room, "m.policy.rule.server", "ban-replicas", {})
     for via in (0, 1):
 
