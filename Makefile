@@ -71,14 +71,14 @@ unit: venv
 
 ## Benchmarks (figures in docs/BENCHMARKS.md): matching, signatures, memory, the pipeline,
 ## a 1-PDU /send's latency at the edge, a real Synapse behind modgud against behind nginx,
-## the store's writer on SQLite and on PostgreSQL.
+## the store's writer on SQLite and on PostgreSQL, the history audit of a 10,000-event room.
 ## Ends with one table of every figure against its target.
 bench: venv synapse deps
 	export MODGUD_SYNAPSE_PYTHON=$(abspath $(SYNAPSE_VENV))/bin/python; \
 	  export BENCH_RESULTS=$$(mktemp); \
 	  $(PY) -m tests.bench.matching && $(PY) -m tests.bench.signatures && \
 	  $(PY) -m tests.bench.memory && $(PY) -m tests.bench.run && $(PY) -m tests.bench.latency && \
-	  $(PY) -m tests.bench.synapse && $(PY) -m tests.bench.store && \
+	  $(PY) -m tests.bench.synapse && $(PY) -m tests.bench.store && $(PY) -m tests.bench.history && \
 	  $(PY) -m tests.bench.results $$BENCH_RESULTS
 
 ## Fuzz (docs/RELIABILITY.md): every parser and addon, a fixed seed, 4,000 cases per test

@@ -445,10 +445,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         local_server=config.server_name, participation_rooms=frozenset(config.participation_rooms)
     )
     try:
-        rooms = [args.room] if args.room else asyncio.run(_all_rooms(config))
+        rooms, rules = asyncio.run(_rooms_and_rules(config, args.room))
         leaked = 0
         for room_id in rooms:
-            run = asyncio.run(_history_of(config, room_id, policy, args))
+            run = asyncio.run(_history_of(config, room_id, policy, args, rules))
             recorded = history_findings(config.database, room_id)
             leaked += len(recorded)
             if not args.json:
@@ -477,16 +477,27 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 1 if leaked else 0
 
 
-async def _all_rooms(config: Config) -> list[str]:
+async def _rooms_and_rules(
+    config: Config, room: str | None
+) -> tuple[list[str], list[dict[str, Any]] | None]:
+    """The rooms to audit (one, or every room the homeserver knows) and the policy lists'
+    rule events, read once for them all."""
     import aiohttp
 
-    from proxy_addons.history import list_rooms
+    from proxy_addons.history import list_rooms, policy_rule_events
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        return await list_rooms(session, config)
+        rooms = [room] if room else await list_rooms(session, config)
+        return rooms, await policy_rule_events(session, config)
 
 
-async def _history_of(config: Config, room_id: str, policy: Any, args: argparse.Namespace) -> Any:
+async def _history_of(
+    config: Config,
+    room_id: str,
+    policy: Any,
+    args: argparse.Namespace,
+    rules: list[dict[str, Any]] | None,
+) -> Any:
     from proxy_addons.history import HistoryRun, as_json, audit_room
 
     now = time.time()
@@ -501,7 +512,7 @@ async def _history_of(config: Config, room_id: str, policy: Any, args: argparse.
         if terminal:
             rate = run.judged / run.seconds if run.seconds else 0.0
             sys.stderr.write(
-                f"\r{room_id}: {run.position} events, {len(run.findings)} findings, {rate:,.0f}/s"
+                f"\r{room_id}: {run.position} events, {run.found} findings, {rate:,.0f}/s"
             )
             sys.stderr.flush()
 
@@ -513,6 +524,7 @@ async def _history_of(config: Config, room_id: str, policy: Any, args: argparse.
         restart=args.restart,
         on_event=on_event,
         on_page=on_page,
+        policy_events=rules,
     )
     if terminal:
         sys.stderr.write("\n")
@@ -523,7 +535,7 @@ def _print_history(run: Any, recorded: list[dict[str, Any]]) -> None:
     resumed = f", resumed at {run.resumed_at}" if run.resumed_at else ""
     print(
         f"{run.room_id}: {run.judged} events judged in {run.seconds:.1f} s{resumed} "
-        f"(history: {run.position} events); {len(run.findings)} new findings, "
+        f"(history: {run.position} events); {run.found} new findings, "
         f"{len(recorded)} in all"
     )
     for r in recorded:

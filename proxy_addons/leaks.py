@@ -47,6 +47,16 @@ LEAK_RULES = (
     Rule.LEAK_PULLED,
 )
 
+# What `modgud leaks` reports besides: leaks the history audit found in rooms' stored
+# history (the management room does not post these as news: `history` answers them).
+HISTORY_LEAK_RULES = (
+    Rule.HISTORY_ACL,
+    Rule.HISTORY_PARTICIPATION,
+    Rule.HISTORY_POLICY,
+    Rule.HISTORY_POLICY_USER,
+    Rule.HISTORY_REFERENCE,
+)
+
 
 class RefusedEvents:
     def __init__(self, per_room: int = 2_000, max_rooms: int = 10_000) -> None:
@@ -101,7 +111,7 @@ def query_leaks(
     paths: Iterable[str], *, room: str | None = None, since: float | None = None
 ) -> list[dict[str, Any]]:
     """Per room and blamed server: the leaked events, how much evidence, how sure, when."""
-    rules = [str(r) for r in LEAK_RULES]
+    rules = [str(r) for r in (*LEAK_RULES, *HISTORY_LEAK_RULES)]
     where = [f"rule IN ({', '.join('?' for _ in rules)})"]
     params: list[Any] = list(rules)
     if room:

@@ -33,17 +33,24 @@ state, the joined members per server, and at most `refused_limit` refused events
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rules.checks import author_refusals, check_references
 from rules.findings import Confidence, Finding, Rule, Severity
-from rules.policy import NO_POLICY, OperatorPolicy, authorise_server
+from rules.policy import (
+    NO_POLICY,
+    SERVER_RULE_TYPES,
+    USER_RULE_TYPES,
+    BanList,
+    OperatorPolicy,
+    authorise_server,
+)
 from rules.roomstate import RELEVANT_STATE_TYPES, RoomPolicy, room_policy_from_state
 from rules.servername import server_of_user
 
-__all__ = ["HISTORY_RULES", "AuditedEvent", "HistoryAudit"]
+__all__ = ["HISTORY_RULES", "AuditedEvent", "HistoryAudit", "PolicyTimeline"]
 
 # The live rule each history rule stands for.
 HISTORY_RULES: Mapping[Rule, Rule] = {
@@ -66,6 +73,46 @@ class AuditedEvent:
     findings: tuple[Finding, ...]
 
 
+_RULE_TYPES = SERVER_RULE_TYPES | USER_RULE_TYPES
+
+
+class PolicyTimeline:
+    """The operator's policy lists as they were at each point: their rule events (from
+    the policy rooms' own histories) applied in the order of their timestamps, up to the
+    time of the event being judged. A timestamp is its sender's claim and the two rooms'
+    histories interleave only by it, so a rule is in force from the time it says it was
+    made; an audited event older than one already passed is judged by the later rules
+    (the lists only move forward)."""
+
+    def __init__(self, events: Iterable[Mapping[str, Any]]) -> None:
+        changes = []
+        for event in events:
+            ts, event_type = event.get("origin_server_ts"), event.get("type")
+            if (
+                isinstance(ts, int)
+                and event_type in _RULE_TYPES
+                and isinstance(event.get("state_key"), str)
+            ):
+                changes.append(event)
+        self.changes = sorted(changes, key=lambda e: int(e["origin_server_ts"]))
+        self.applied = 0
+        self._state: dict[tuple[object, object, object], Mapping[str, Any]] = {}
+
+    def advance(self, ts: int) -> BanList | None:
+        """The bans in force at `ts` when they changed since the last call, else None."""
+        start = self.applied
+        while (
+            self.applied < len(self.changes)
+            and int(self.changes[self.applied]["origin_server_ts"]) <= ts
+        ):
+            e = self.changes[self.applied]
+            self._state[(e.get("room_id"), e.get("type"), e.get("state_key"))] = e
+            self.applied += 1
+        if self.applied == start:
+            return None
+        return BanList.from_state(self._state.values())
+
+
 class HistoryAudit:
     def __init__(
         self,
@@ -74,10 +121,14 @@ class HistoryAudit:
         policy: OperatorPolicy = NO_POLICY,
         *,
         refused_limit: int = 100_000,
+        timeline: PolicyTimeline | None = None,
     ) -> None:
+        """`policy`: the operator's settings; its bans are replaced, event by event, by
+        those `timeline` says were in force (none before the first rule)."""
         self.room_id = room_id
         self.local_server = local_server
-        self.policy = policy
+        self.timeline = timeline
+        self.policy = policy if timeline is None else replace(policy, bans=BanList())
         self.refused_limit = refused_limit
         self.position = 0
         self.state: dict[tuple[str, str], dict[str, Any]] = {}
@@ -134,6 +185,12 @@ class HistoryAudit:
         before it; then the state moves on. `delivered_by`: the server the event index
         saw deliver it, if any."""
         self.position += 1
+        ts = event.get("origin_server_ts")
+        if self.timeline is not None and isinstance(ts, int):
+            bans = self.timeline.advance(ts)
+            if bans is not None:
+                self.policy = replace(self.policy, bans=bans)
+                self._room = None
         findings = self._findings(event, delivered_by)
         self._apply(event)
         event_id = event.get("event_id")
@@ -166,22 +223,22 @@ class HistoryAudit:
                 self.refused[eid] = server
                 while len(self.refused) > self.refused_limit:
                     self.refused.popitem(last=False)
-            blamed, confidence, why = self._blame(server, delivered_by)
             ambiguous = self._ambiguous(event)
-            if ambiguous:
-                confidence = Confidence.LOW
-            return tuple(
-                Finding(
-                    HISTORY_RULES[rule],
-                    Severity.HIGH,
-                    f"position {self.position}: event written by {server}, refused then: "
-                    f"{detail}; {why}{ambiguous}",
-                    attributed_to=blamed,
-                    confidence=confidence,
-                    **base,
+            out = []
+            for rule, detail in reasons:
+                blamed, confidence, why = self._blame(server, delivered_by, rule)
+                out.append(
+                    Finding(
+                        HISTORY_RULES[rule],
+                        Severity.HIGH,
+                        f"position {self.position}: event written by {server}, refused then: "
+                        f"{detail}; {why}{ambiguous}",
+                        attributed_to=blamed,
+                        confidence=Confidence.LOW if ambiguous else confidence,
+                        **base,
+                    )
                 )
-                for rule, detail in reasons
-            )
+            return tuple(out)
         built_on = check_references(event, self.refused)
         if built_on is None:
             return ()
@@ -196,9 +253,19 @@ class HistoryAudit:
             ),
         )
 
-    def _blame(self, author: str, delivered_by: str | None) -> tuple[str | None, Confidence, str]:
-        if delivered_by and delivered_by != author:
+    def _blame(
+        self, author: str, delivered_by: str | None, rule: Rule
+    ) -> tuple[str | None, Confidence, str]:
+        if delivered_by:
             return delivered_by, Confidence.MEDIUM, f"modgud saw {delivered_by} deliver it"
+        if rule is not Rule.ACL_SENDER:
+            # Homeservers enforce only the ACL against whoever delivers: past a policy list
+            # or participation, the author's server may well have sent its event itself.
+            return (
+                author,
+                Confidence.LOW,
+                f"the homeserver does not enforce this itself: {author} may have sent it",
+            )
         room = self.room()
         candidates = sorted(
             s
@@ -242,6 +309,7 @@ class HistoryAudit:
             "joined": self.joined,
             "refused": list(self.refused.items()),
             "change": [self.change_depth, self.change_position],
+            "policy_applied": self.timeline.applied if self.timeline is not None else 0,
         }
 
     @classmethod
@@ -253,8 +321,16 @@ class HistoryAudit:
         policy: OperatorPolicy = NO_POLICY,
         *,
         refused_limit: int = 100_000,
+        timeline: PolicyTimeline | None = None,
     ) -> HistoryAudit:
-        audit = cls(room_id, local_server, policy, refused_limit=refused_limit)
+        """The audit `snapshot` was taken of; `timeline` built again from the same policy
+        rooms (it is moved on to where the snapshot's was)."""
+        audit = cls(room_id, local_server, policy, refused_limit=refused_limit, timeline=timeline)
+        applied = int(snapshot.get("policy_applied", 0))
+        if timeline is not None and applied:
+            bans = timeline.advance(int(timeline.changes[applied - 1]["origin_server_ts"]))
+            if bans is not None:
+                audit.policy = replace(audit.policy, bans=bans)
         audit.position = int(snapshot["position"])
         for event in snapshot["state"]:
             audit.state[(event["type"], event["state_key"])] = dict(event)

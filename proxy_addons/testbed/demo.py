@@ -15,6 +15,7 @@ from typing import Any
 from proxy_addons.leaks import LEAK_RULES
 from proxy_addons.testbed.homeserver import ClientError, wait_for
 from proxy_addons.testbed.member import Member
+from proxy_addons.testbed.pastleak import leak_before_modgud
 from proxy_addons.testbed.scenarios import SCENARIOS, Outcome, Stage, run_scenario
 from proxy_addons.testbed.topology import Topology
 
@@ -186,6 +187,25 @@ def _management_chapter(n: int, topo: Topology) -> int:
     return failures
 
 
+def _history_chapter(n: int, topo: Topology) -> int:
+    """Has a room already leaked? A room on hs2, which modgud is not in front of, leaked
+    to; then `modgud history` against hs2's admin API. Returns unmet expectations."""
+    say(
+        f"\n{n}. Before modgud: a room on hs2 ({topo.hs2.server_name}, no modgud in its path)."
+        f" {topo.denied.name} speaks, then the room's ACL denies it; {topo.leaky.name} relays"
+        f" its next message straight to hs2, which accepts it, and builds on it. Later, the"
+        f" operator asks: has this room already leaked?"
+    )
+    room = leak_before_modgud(topo, topo.workdir / "history")
+    say(f"   $ modgud history {room.room_id} --config {room.config}")
+    result = room.history(room.room_id)
+    for line in result.stdout.splitlines():
+        say(f"   | {line}")
+    say(f"   exit status {result.returncode} (1: the room has leaked)")
+    found = result.returncode == 1 and room.leaked in result.stdout
+    return 0 if found and room.before not in result.stdout else 1
+
+
 def run(workdir: Path) -> int:
     started = time.monotonic()
     say("modgud demo: starting real Synapse homeservers, the federation peer and modgud…")
@@ -222,6 +242,7 @@ def run(workdir: Path) -> int:
 
         failures += _outbound_chapter(len(CHAPTERS) + 1, topo)
         failures += _management_chapter(len(CHAPTERS) + 2, topo)
+        failures += _history_chapter(len(CHAPTERS) + 3, topo)
 
         say(f"\nMetrics were served at http://127.0.0.1:{topo.metrics_port}/metrics, among them:")
         for line in topo.metrics_text().splitlines():

@@ -9,96 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from proxy_addons.config import load_config
 from proxy_addons.history import audit_room, history_findings
-from proxy_addons.testbed.homeserver import ClientApi
+from proxy_addons.testbed.pastleak import UnguardedRoom, leak_before_modgud
 from proxy_addons.testbed.scenarios import SCENARIOS, run_scenario
-from proxy_addons.testbed.topology import Topology
 from rules.policy import OperatorPolicy
 
 pytestmark = pytest.mark.e2e
 
 
-class Hs2Room:
-    """A room on hs2 (no modgud) with an admin of hs2, joined by the peer's servers
-    directly, and a modgud.yaml that audits hs2."""
-
-    def __init__(self, topo: Topology, workdir: Path) -> None:
-        self.topo = topo
-        self.hs2 = topo.hs2
-        name = f"admin{int(time.time() * 1000) % 10**8}"
-        self.admin_id, token = self.hs2.register_user(name, admin=True)
-        self.admin = ClientApi(self.hs2.base_url, token)
-        self.room_id = self.admin.create_room(room_version="10", name="leaked before modgud")
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "admin.token").write_text(token)
-        self.config = workdir / "modgud.yaml"
-        self.config.write_text(
-            f"server_name: '{self.hs2.server_name}'\n"
-            f"upstream: http://127.0.0.1:{self.hs2.http_port}\n"
-            f"homeserver: {{admin_api: '{self.hs2.base_url}', access_token_file: admin.token,"
-            " room_admin_token_file: admin.token}\n"
-            f"database: {workdir / 'history.db'}\n"
-        )
-
-    def join(self, server, localpart):
-        user = server.user(localpart)
-        self.topo.peer.join(server, user, self.room_id, self.hs2.server_name, self.hs2.server_name)
-        return user
-
-    def send(self, deliverer, author, user, body, prev_events=None):
-        """`author`'s event, delivered by `deliverer` straight to hs2."""
-        event_id, pdu = self.topo.peer.build_event(
-            self.room_id,
-            author,
-            user,
-            "m.room.message",
-            {"msgtype": "m.text", "body": body},
-            prev_events=prev_events,
-        )
-        answer = self.topo.peer.send(deliverer, self.hs2.server_name, self.hs2.server_name, [pdu])
-        assert answer.status == 200, answer.body
-        assert self.admin.wait_for_message(self.room_id, body), f"hs2 did not take {body!r}"
-        return event_id
-
-    def history(self, *args):
-        """`modgud history ARGS` with this room's config (hs2, not the topology's hs1)."""
-        modgud = Path(sys.executable).with_name("modgud")
-        return subprocess.run(
-            [str(modgud), "history", *args, "--config", str(self.config)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-
-
 @pytest.fixture(scope="module")
 def leaked(enforce_topology, tmp_path_factory):
-    """hs2's room: the denied server speaks before the ACL (allowed then), the ACL comes,
-    then the leaky server relays the denied server's message and builds on it."""
-    topo = enforce_topology
-    room = Hs2Room(topo, tmp_path_factory.mktemp("history"))
-    dee = room.join(topo.denied, "dee")
-    lee = room.join(topo.leaky, "lee")
-    room.before = room.send(topo.denied, topo.denied, dee, "said before the ACL")
-    room.admin.send_state(
-        room.room_id,
-        "m.room.server_acl",
-        "",
-        {"allow": ["*"], "deny": [topo.denied.name], "allow_ip_literals": True},
-    )
-    room.leaked = room.send(topo.leaky, topo.denied, dee, "relayed after the ACL")
-    room.built = room.send(topo.leaky, topo.leaky, lee, "built on it", prev_events=[room.leaked])
-    room.after = room.send(topo.leaky, topo.leaky, lee, "an ordinary message")
-    return room
+    return leak_before_modgud(enforce_topology, tmp_path_factory.mktemp("history"))
 
 
 def test_the_audit_finds_exactly_the_leak_and_what_was_built_on_it(leaked):
@@ -124,6 +50,10 @@ def test_the_audit_finds_exactly_the_leak_and_what_was_built_on_it(leaked):
         leaked.leaked,
         leaked.built,
     }
+    leaks = topo.cli("leaks", "--db", db, "--json")
+    (group,) = [json.loads(x) for x in leaks.stdout.splitlines()]
+    assert group["blamed"] == topo.leaky.name
+    assert group["events"] == sorted([leaked.leaked, leaked.built])
     # Run again: the cursor is at the end, nothing is judged twice or recorded twice.
     again = leaked.history(leaked.room_id)
     assert again.returncode == 1 and "0 new findings, 2 in all" in again.stdout, again.stdout
@@ -142,7 +72,7 @@ def test_redact_is_a_dry_run_until_confirmed_then_the_leak_is_gone(leaked):
     assert topo  # the topology stays up for the other tests
 
 
-def _bodies(room: Hs2Room) -> list[str]:
+def _bodies(room: UnguardedRoom) -> list[str]:
     return [
         e["content"].get("body")
         for e in room.admin.messages(room.room_id)
@@ -177,3 +107,31 @@ def test_a_benign_room_has_no_finding(enforce_topology):
     audited = topo.cli("history", outcome.room_id)
     assert audited.returncode == 0, audited.stdout + audited.stderr
     assert "0 new findings, 0 in all" in audited.stdout
+
+
+def test_a_policy_list_ban_counts_from_its_rule_until_its_removal(leaked):
+    """hs2 enforces no policy list: a server banned in the operator's list keeps posting
+    straight to hs2. Only what it said while the rule stood is found, blamed on itself."""
+    topo = leaked.topo
+    room_id = leaked.admin.create_room(room_version="10", name="policy history")
+    spam = leaked.join(topo.spammer, "spam", room_id)
+    send = leaked.send
+    before = send(topo.spammer, topo.spammer, spam, "before the ban", room_id=room_id)
+    rule = {"entity": topo.spammer.name, "recommendation": "m.ban", "reason": "spam"}
+    time.sleep(0.1)
+    leaked.admin.send_state(leaked.policy_room, "m.policy.rule.server", "rule:spam", rule)
+    time.sleep(0.1)
+    during = send(topo.spammer, topo.spammer, spam, "while banned", room_id=room_id)
+    time.sleep(0.1)
+    leaked.admin.send_state(leaked.policy_room, "m.policy.rule.server", "rule:spam", {})
+    time.sleep(0.1)
+    after = send(topo.spammer, topo.spammer, spam, "after the ban", room_id=room_id)
+    result = leaked.history(room_id, "--json")
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["event_id"], r["rule"], r["attributed_to"]) for r in lines] == [
+        (during, "history.policy_list", topo.spammer.name),
+        # Built on the banned event (its prev_event), though sent after the ban ended.
+        (after, "history.reference", topo.spammer.name),
+    ]
+    assert before not in {r["event_id"] for r in lines}

@@ -167,6 +167,9 @@ def test_participation_and_policy_lists_and_banned_users():
         Rule.HISTORY_POLICY_USER,
     ) in rules
     assert fine not in {e for e, _ in rules}
+    # Homeservers enforce neither: the author's server may have sent its event itself.
+    blamed = {(e, r): b for e, r, b, _ in found(results)}
+    assert blamed[(unpermitted, Rule.HISTORY_PARTICIPATION)] == "newbie.test"
 
 
 def test_the_local_servers_own_events_are_never_judged():
@@ -242,3 +245,53 @@ def test_hostile_events_are_judged_without_raising():
     ):
         audit.judge(event)
     assert audit.position == 6
+
+
+def rule_event(ts, entity, state_key, recommendation="m.ban", kind="m.policy.rule.server"):
+    content = {"entity": entity, "recommendation": recommendation, "reason": "r"} if entity else {}
+    return {
+        "room_id": "!bans:hs.test",
+        "type": kind,
+        "state_key": state_key,
+        "content": content,
+        "origin_server_ts": ts,
+    }
+
+
+def test_policy_list_rules_count_from_when_they_were_made_until_removed():
+    """A ban made at t=2000 and lifted at t=4000: only the server's events between count."""
+    from rules.history import PolicyTimeline
+
+    h = room("@s:spam.test", "@bob:relay.test")
+    times = {}
+    for ts in (1000, 3000, 5000):  # each on the room's first event, not on each other
+        times[ts] = h.add("@s:spam.test", origin_server_ts=ts, prev_events=["$e1"])
+    timeline = PolicyTimeline(
+        [rule_event(4000, None, "rule:spam"), rule_event(2000, "spam.test", "rule:spam")]
+    )
+    audit = HistoryAudit(ROOM, LOCAL, OperatorPolicy(local_server=LOCAL), timeline=timeline)
+    results = [audit.judge(e) for e in h.events]
+    assert [(e, r) for e, r, _, _ in found(results)] == [(times[3000], Rule.HISTORY_POLICY)]
+
+
+def test_a_resumed_audit_follows_the_policy_lists_from_where_it_was():
+    from rules.history import PolicyTimeline
+
+    def timeline():
+        return PolicyTimeline(
+            [rule_event(2000, "spam.test", "rule:spam"), rule_event(6000, None, "rule:spam")]
+        )
+
+    h = room("@s:spam.test")
+    for ts in (1000, 3000, 5000, 7000):
+        h.add("@s:spam.test", origin_server_ts=ts, prev_events=["$e1"])
+    policy = OperatorPolicy(local_server=LOCAL)
+    whole = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
+    expected = [whole.judge(e) for e in h.events]
+    for cut in range(len(h.events)):
+        first = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
+        head = [first.judge(e) for e in h.events[:cut]]
+        snapshot = json.loads(json.dumps(first.snapshot()))
+        again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
+        assert head + [again.judge(e) for e in h.events[cut:]] == expected, cut
+    assert len([f for r in expected for f in r.findings]) == 2  # at 3000 and 5000
