@@ -495,7 +495,19 @@ class SqliteDatabase(Database):
             raw = sqlite3.connect(
                 self.target, timeout=timeout, check_same_thread=False, isolation_level=None
             )
-            raw.execute("PRAGMA journal_mode=WAL")
+            # Switching a new database to WAL answers "locked" at once, without waiting
+            # as other statements do, while another connection holds it (processes
+            # starting together): wait here as `timeout` says.
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    raw.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raw.close()
+                        raise
+                    time.sleep(0.02)
             raw.execute("PRAGMA synchronous=NORMAL")
             return raw
 
