@@ -433,17 +433,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Audit rooms' stored history for leaks from before modgud; exit 1 when any."""
-    from proxy_addons.history import HistoryError, history_findings, redact_events
+    from proxy_addons.history import HistoryError, history_findings, history_policy, redact_events
     from rules.findings import Rule
-    from rules.policy import OperatorPolicy
 
     config = load_config(args.config)
     if bool(args.room) == bool(args.all):
         print("modgud history: give a room ID or --all", file=sys.stderr)
         return 2
-    policy = OperatorPolicy(
-        local_server=config.server_name, participation_rooms=frozenset(config.participation_rooms)
-    )
+    policy = history_policy(config)
     try:
         rooms, rules = asyncio.run(_rooms_and_rules(config, args.room))
         leaked = 0

@@ -226,20 +226,18 @@ def forget_cursor(database: str, room_id: str) -> None:
 
 
 def _delivered_by(database: str, event_ids: list[str]) -> dict[str, str]:
-    """The servers the event index saw deliver these events (modgud was in the path)."""
+    """The servers the event index saw deliver these events (modgud was in the path),
+    in one query for the page."""
     if not event_ids:
         return {}
-    out: dict[str, str] = {}
+    marks = ", ".join("?" for _ in event_ids)
+    sql = (
+        "SELECT event_id, delivered_by FROM events "  # noqa: S608 - marks only
+        f"WHERE event_id IN ({marks}) AND delivered_by IS NOT NULL ORDER BY first_seen DESC"
+    )
     with reading(database) as conn:
-        for event_id in event_ids:
-            row = conn.one(
-                "SELECT delivered_by FROM events WHERE event_id = ? AND delivered_by IS NOT NULL "
-                "ORDER BY first_seen LIMIT 1",
-                (event_id,),
-            )
-            if row is not None:
-                out[event_id] = str(row[0])
-    return out
+        # Oldest last: the first delivery wins the dict.
+        return {str(e): str(d) for e, d in conn.tuples(sql, event_ids)}
 
 
 def _row(finding: Finding, event: Mapping[str, Any], now: float) -> tuple[object, ...]:
@@ -344,6 +342,14 @@ async def audit_room(
     _checkpoint(config.database, room_id, token, audit, [], True)
     run.seconds = time.monotonic() - started
     return run
+
+
+def history_policy(config: Config) -> OperatorPolicy:
+    """The operator's settings the audit applies (the policy lists' bans come from their
+    own histories, event by event: see PolicyTimeline)."""
+    return OperatorPolicy(
+        local_server=config.server_name, participation_rooms=frozenset(config.participation_rooms)
+    )
 
 
 def history_findings(database: str, room_id: str) -> list[dict[str, Any]]:

@@ -634,15 +634,12 @@ class ManagementBot:
     async def history(self, room_id: str) -> Message:
         """The history audit of a room (`modgud history ROOM`), in a thread of its own
         with its own event loop: it reads and writes the database as it goes."""
-        from proxy_addons.history import HistoryError, audit_room, history_findings
-        from rules.policy import OperatorPolicy
+        from proxy_addons.history import HistoryError, audit_room, history_findings, history_policy
 
-        policy = OperatorPolicy(
-            local_server=self.config.server_name,
-            participation_rooms=frozenset(self.config.participation_rooms),
-        )
         try:
-            run = await asyncio.to_thread(asyncio.run, audit_room(self.config, room_id, policy))
+            run = await asyncio.to_thread(
+                asyncio.run, audit_room(self.config, room_id, history_policy(self.config))
+            )
             recorded = await asyncio.to_thread(history_findings, self.config.database, room_id)
         except HistoryError as e:
             return notices.text_message(f"The history of {room_id} could not be read: {e}")

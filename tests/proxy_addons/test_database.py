@@ -62,22 +62,27 @@ def test_a_new_database_gets_each_migration_once(target):
     assert database.version() == LATEST_VERSION
 
 
-def test_processes_starting_together_migrate_once(target):
-    """Replicas and Synapse workers start at once: each migration runs once, none fails."""
+def migrate_together(target: str, processes: int = 6) -> list[BaseException]:
+    """`processes` connections migrating `target` at once; what they raised."""
     errors: list[BaseException] = []
 
     def start() -> None:
         try:
             open_db(target).migrate()
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
             errors.append(e)
 
-    threads = [threading.Thread(target=start) for _ in range(6)]
+    threads = [threading.Thread(target=start) for _ in range(processes)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert errors == []
+    return errors
+
+
+def test_processes_starting_together_migrate_once(target):
+    """Replicas and Synapse workers start at once: each migration runs once, none fails."""
+    assert migrate_together(target) == []
     assert versions(target) == list(range(1, LATEST_VERSION + 1))
 
 
@@ -265,18 +270,4 @@ def test_sqlite_processes_starting_together_again_and_again(tmp_path):
     answer "database is locked" at once (SQLite's deadlock escape skips the busy wait),
     about one round in 40 on this machine before the opener waited for it itself."""
     for n in range(40):
-        target = str(tmp_path / f"m{n}.db")
-        errors: list[BaseException] = []
-
-        def start(target: str = target, errors: list[BaseException] = errors) -> None:
-            try:
-                open_db(target).migrate()
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=start) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == [], n
+        assert migrate_together(str(tmp_path / f"m{n}.db")) == [], n
