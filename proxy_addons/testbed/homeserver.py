@@ -80,10 +80,40 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0)
         process.wait(5)
 
 
+def _port_range() -> tuple[int, int]:
+    """12,000 ports just below the kernel's ephemeral range: [low, top)."""
+    try:
+        top = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        top = 32768
+    return max(1024, top - 12000), top
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, for a server started a moment later.
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out for bind(0) can
+    be handed out again as the source port of any outgoing connection before our server
+    binds it (seen in CI: "Address already in use" for the metrics listener). Ports below
+    the range are only taken by whoever binds them, and none is handed out twice here.
+    """
+    low, top = _port_range()
+    start = secrets.randbelow(top - low)
+    for i in range(top - low):
+        port = low + (start + i) % (top - low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port between {low} and {top}")
 
 
 def read_signing_key(path: Path) -> Any:

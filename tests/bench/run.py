@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 
+from proxy_addons.testbed.homeserver import free_port
 from rules.roomversion import get_room_version
 from rules.signatures import sign_event
 from rules.xmatrix import sign_request
@@ -42,12 +43,6 @@ CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 N_TXNS = 400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 KEY = generate_signing_key("b1")
