@@ -442,10 +442,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 2
     policy = history_policy(config)
     try:
-        rooms, rules = asyncio.run(_rooms_and_rules(config, args.room))
+        rooms, policies = asyncio.run(_rooms_and_policies(config, args.room))
         leaked = 0
         for room_id in rooms:
-            run = asyncio.run(_history_of(config, room_id, policy, args, rules))
+            run = asyncio.run(_history_of(config, room_id, policy, args, policies))
             recorded = history_findings(config.database, room_id)
             leaked += len(recorded)
             if not args.json:
@@ -474,18 +474,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 1 if leaked else 0
 
 
-async def _rooms_and_rules(
-    config: Config, room: str | None
-) -> tuple[list[str], list[dict[str, Any]] | None]:
-    """The rooms to audit (one, or every room the homeserver knows) and the policy lists'
-    rule events, read once for them all."""
+async def _rooms_and_policies(config: Config, room: str | None) -> tuple[list[str], Any]:
+    """The rooms to audit (one, or every room the homeserver knows) and how the policy
+    lists and spaces changed, read once for them all."""
     import aiohttp
 
-    from proxy_addons.history import list_rooms, policy_rule_events
+    from proxy_addons.history import list_rooms, read_policy_history
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         rooms = [room] if room else await list_rooms(session, config)
-        return rooms, await policy_rule_events(session, config)
+        return rooms, await read_policy_history(session, config)
 
 
 async def _history_of(
@@ -493,7 +491,7 @@ async def _history_of(
     room_id: str,
     policy: Any,
     args: argparse.Namespace,
-    rules: list[dict[str, Any]] | None,
+    policies: Any,
 ) -> Any:
     from proxy_addons.history import HistoryRun, as_json, audit_room
 
@@ -521,7 +519,7 @@ async def _history_of(
         restart=args.restart,
         on_event=on_event,
         on_page=on_page,
-        policy_events=rules,
+        policy_history=policies,
     )
     if terminal:
         sys.stderr.write("\n")

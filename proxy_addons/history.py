@@ -35,17 +35,21 @@ import aiohttp
 
 from proxy_addons.config import Config
 from proxy_addons.database import open_db, reading, writing
+from proxy_addons.operatorpolicy import MAX_SPACE_ROOMS, RULE_TYPES
 from proxy_addons.store import FINDING_COLUMNS, insert_findings
 from rules.findings import Finding
 from rules.history import AuditedEvent, HistoryAudit, PolicyTimeline
 from rules.policy import OperatorPolicy
+from rules.roomstate import SPACE_STATE_TYPES, room_policy_from_state
 
 __all__ = [
     "HistoryError",
     "HistoryRun",
+    "PolicyHistory",
     "audit_room",
     "history_findings",
     "list_rooms",
+    "read_policy_history",
     "redact_events",
 ]
 
@@ -166,19 +170,74 @@ async def list_rooms(session: aiohttp.ClientSession, config: Config) -> list[str
         start = int(following)
 
 
-async def policy_rule_events(
+@dataclass(frozen=True, slots=True)
+class PolicyHistory:
+    """How the operator's policy changed, read once for any number of audited rooms: the
+    policy lists' rule events and the configured spaces' state events (theirs and their
+    subspaces'), from those rooms' own histories."""
+
+    rule_events: list[dict[str, Any]]
+    space_events: list[dict[str, Any]]
+    spaces: tuple[str, ...]
+
+    def timeline(self) -> PolicyTimeline:
+        """A fresh timeline for one room's audit."""
+        return PolicyTimeline(self.rule_events, self.space_events, self.spaces)
+
+
+async def _state_history(
+    session: aiohttp.ClientSession, config: Config, room_id: str, types: frozenset[str]
+) -> list[dict[str, Any]]:
+    """The room's state events of `types`, oldest first, from its whole history."""
+    await walk_back(session, config, room_id)
+    out: list[dict[str, Any]] = []
+    async for page, _ in read_history(session, config, room_id, None):
+        out.extend(e for e in page if "state_key" in e and e.get("type") in types)
+    return out
+
+
+async def _has_children(session: aiohttp.ClientSession, config: Config, room_id: str) -> bool:
+    """The room is a space today (its current state links children): its history is read
+    too. A room the homeserver does not know is not."""
+    url = f"{config.admin_api}/_synapse/admin/v1/rooms/{quote(room_id, safe='')}/state"
+    try:
+        answer = await _get(session, url, config.admin_token)
+    except HistoryError as e:
+        logger.warning("space child %s unreadable, not followed: %s", room_id, e)
+        return False
+    state = answer.get("state") if isinstance(answer, dict) else None
+    return (
+        room_policy_from_state(room_id, state if isinstance(state, list) else []).space_children
+        != ()
+    )
+
+
+async def read_policy_history(
     session: aiohttp.ClientSession, config: Config
-) -> list[dict[str, Any]] | None:
-    """The state events of the operator's policy lists (`policy.policy_lists`), read from
-    those rooms' own histories: how their rules changed. None without policy lists."""
-    if not config.policy_lists:
+) -> PolicyHistory | None:
+    """The histories of the operator's policy lists (`policy.policy_lists`) and spaces
+    (`policy.spaces`, and every room linked from them that is a space today: a room that
+    was a subspace only in the past is not followed). None when neither is configured."""
+    if not (config.policy_lists or config.spaces):
         return None
-    events: list[dict[str, Any]] = []
+    rules: list[dict[str, Any]] = []
     for room_id in config.policy_lists:
-        await walk_back(session, config, room_id)
-        async for page, _ in read_history(session, config, room_id, None):
-            events.extend(e for e in page if "state_key" in e)
-    return events
+        rules += await _state_history(session, config, room_id, RULE_TYPES)
+    space_events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    frontier = list(config.spaces)
+    while frontier and len(seen) < MAX_SPACE_ROOMS:
+        space_id = frontier.pop(0)
+        if space_id in seen:
+            continue
+        seen.add(space_id)
+        events = await _state_history(session, config, space_id, SPACE_STATE_TYPES)
+        space_events += events
+        children = {str(e["state_key"]) for e in events if e.get("type") == "m.space.child"}
+        for child in sorted(children - seen):
+            if await _has_children(session, config, child):
+                frontier.append(child)
+    return PolicyHistory(rules, space_events, tuple(config.spaces))
 
 
 # -- the cursor --------------------------------------------------------------------------------
@@ -284,13 +343,13 @@ async def audit_room(
     on_page: Callable[[HistoryRun], None] | None = None,
     stop_after: int | None = None,
     page_events: int = PAGE_EVENTS,
-    policy_events: list[dict[str, Any]] | None = None,
+    policy_history: PolicyHistory | None = None,
 ) -> HistoryRun:
     """Audit one room's history from its cursor (or the start), recording findings.
     `since` (a Unix time): events older are followed (the state moves on) but not
     reported. `stop_after`: stop after that many pages (tests: a run cut short).
-    `policy_events`: the policy lists' events (`policy_rule_events`), when the caller
-    audits several rooms; read here otherwise."""
+    `policy_history`: how the policy lists and spaces changed (`read_policy_history`),
+    when the caller audits several rooms; read here otherwise."""
     open_db(config.database).migrate()  # a first audit may make the database
     if restart:
         forget_cursor(config.database, room_id)
@@ -300,9 +359,9 @@ async def audit_room(
     pages = 0
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await walk_back(session, config, room_id, page_events)
-        if policy_events is None:
-            policy_events = await policy_rule_events(session, config)
-        timeline = PolicyTimeline(policy_events) if policy_events is not None else None
+        if policy_history is None:
+            policy_history = await read_policy_history(session, config)
+        timeline = policy_history.timeline() if policy_history is not None else None
         audit = (
             HistoryAudit.restore(snapshot, room_id, config.server_name, policy, timeline=timeline)
             if snapshot is not None
@@ -345,8 +404,8 @@ async def audit_room(
 
 
 def history_policy(config: Config) -> OperatorPolicy:
-    """The operator's settings the audit applies (the policy lists' bans come from their
-    own histories, event by event: see PolicyTimeline)."""
+    """The operator's settings the audit applies (the policy lists' bans and the spaces'
+    state come from their own histories, event by event: see PolicyTimeline)."""
     return OperatorPolicy(
         local_server=config.server_name, participation_rooms=frozenset(config.participation_rooms)
     )

@@ -20,8 +20,7 @@ from proxy_addons.config import Config
 from proxy_addons.sources import FetchState, StateError
 from rules.policy import SERVER_RULE_TYPES, USER_RULE_TYPES, BanList, OperatorPolicy
 from rules.roomstate import (
-    KNOCK_RULE_TYPES,
-    PARTICIPATION_TYPES,
+    SPACE_STATE_TYPES,
     RoomPolicy,
     room_policy_from_state,
 )
@@ -34,9 +33,6 @@ MAX_SPACE_DEPTH = 16
 logger = logging.getLogger(__name__)
 
 RULE_TYPES = SERVER_RULE_TYPES | USER_RULE_TYPES
-SPACE_TYPES = (
-    frozenset({"m.space.child", "m.room.server_acl"}) | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
-)
 
 
 async def walk_space(space_id: str, fetch_state: FetchState) -> tuple[RoomPolicy, list[str]] | None:
@@ -102,7 +98,7 @@ class OperatorPolicySource:
             return False
         if room_id in self.rooms and event_type in RULE_TYPES:
             return True
-        return event_type in SPACE_TYPES and (
+        return event_type in SPACE_STATE_TYPES and (
             room_id in self.space_ids
             or any(room_id in rooms for _, rooms in self._space_rooms.values())
         )

@@ -19,6 +19,7 @@ __all__ = [
     "KNOCK_TYPES",
     "PARTICIPATION_TYPES",
     "RELEVANT_STATE_TYPES",
+    "SPACE_STATE_TYPES",
     "PowerLevels",
     "RoomPolicy",
     "room_policy_from_state",
@@ -32,6 +33,10 @@ PARTICIPATION_TYPES = frozenset(
 KNOCK_RULE_TYPES = frozenset({"m.server.knock_rule", "me.marewolf.msc4124.server.knock_rule"})
 KNOCK_TYPES = frozenset({"m.server.knock", "me.marewolf.msc4124.server.knock"})
 
+# A space's state that binds its rooms (MSC3216): its children, its ACL, participation.
+SPACE_STATE_TYPES = (
+    frozenset({"m.space.child", "m.room.server_acl"}) | PARTICIPATION_TYPES | KNOCK_RULE_TYPES
+)
 # State events whose arrival makes a cached RoomPolicy stale.
 RELEVANT_STATE_TYPES = frozenset(
     {

@@ -20,34 +20,18 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import urllib.error
-import urllib.request
 from pathlib import Path
-from urllib.parse import quote
 
 from proxy_addons.config import load_config
 from proxy_addons.history import audit_room, history_findings
 from proxy_addons.testbed.homeserver import ClientApi, SynapseHomeserver, free_port
+from proxy_addons.testbed.pastleak import relay_history
 from proxy_addons.testbed.peer import FederationPeer
 from rules.policy import OperatorPolicy
 from tests.bench.results import record
 
 EVENTS = int(os.environ.get("BENCH_HISTORY_EVENTS", "10000"))
 BATCH = 50
-
-
-def wait_persisted(base_url: str, token: str, event_id: str, timeout: float = 120) -> None:
-    url = f"{base_url}/_synapse/admin/v1/fetch_event/{quote(event_id, safe='')}"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(request, timeout=10).close()
-            return
-        except urllib.error.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def main() -> int:
@@ -73,42 +57,17 @@ def main() -> int:
         peer.join(relay, relay_user, room_id, hs.server_name, f"localhost:{tls}")
         peer.join(denied, denied_user, room_id, hs.server_name, f"localhost:{tls}")
         started = time.perf_counter()
-        leaked: set[str] = set()
-        last = ""
-        half = EVENTS // 2
-        for n in range(0, EVENTS, BATCH):
-            if n == half:
-                acl = {"allow": ["*"], "deny": [denied.name], "allow_ip_literals": True}
-                admin.send_state(room_id, "m.room.server_acl", "", acl)
-                time.sleep(1)  # Synapse sends it to the peer: the next events build on it
-            pdus = []
-            for k in range(BATCH):
-                author, user = (
-                    (denied, denied_user) if n >= half and k == 0 else (relay, relay_user)
-                )
-                # Each on the one before: a DAG without gaps, as a real server's
-                # (events Synapse would fetch itself are left out of the timeline).
-                event_id, pdu = peer.build_event(
-                    room_id,
-                    author,
-                    user,
-                    "m.room.message",
-                    {"msgtype": "m.text", "body": f"{n + k}"},
-                    prev_events=[last] if last else None,
-                )
-                if author is denied:
-                    leaked.add(event_id)
-                pdus.append(pdu)
-                last = event_id
-            answer = peer.send(relay, hs.server_name, f"localhost:{tls}", pdus)
-            assert answer.status == 200, answer.body
-            refused = {k: v for k, v in answer.body.get("pdus", {}).items() if v}
-            assert not refused, f"Synapse refused {len(refused)} at {n}: {refused}"
-            # Synapse answers once the PDUs are staged and persists them after; a flood
-            # faster than that has its staging area pruned (events dropped, measured:
-            # 2,010 of 10,010 kept). A real server waits for its transaction's answer
-            # and then some: wait for the batch's last event, as a paced sender would.
-            wait_persisted(hs.base_url, token, last)
+        sent = relay_history(
+            peer,
+            admin,
+            (hs.server_name, f"localhost:{tls}"),
+            room_id,
+            (relay, relay_user),
+            (denied, denied_user),
+            EVENTS,
+            batch=BATCH,
+        )
+        leaked = sent.leaked
         filled = time.perf_counter() - started
         (workdir / "admin.token").write_text(token)
         config_path = workdir / "modgud.yaml"

@@ -130,21 +130,57 @@ def test_blame_goes_as_far_as_history_can_tell(members, delivered_by, blamed, co
     assert says in finding.detail
 
 
-def test_an_event_concurrent_with_the_acl_change_is_of_ambiguous_order():
-    """Stored after the ACL, but no deeper than it: it may have been sent before the
-    ACL existed. Found, with low confidence, and the finding says so."""
+def test_an_event_the_dag_does_not_place_after_the_acl_is_of_ambiguous_order():
+    """Stored after the ACL, deeper than it, but built on the event before it (a fork):
+    its server may have sent it before the ACL existed. Found, with low confidence, and
+    the finding says so; an event built on the ACL is not ambiguous."""
     h = room("@eve:evil.test", "@bob:relay.test")
+    before = h.add("@bob:relay.test")
     acl = h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
-    acl_depth = h.events[-1]["depth"]
-    h.add("@eve:evil.test", depth=acl_depth)
+    acl_position = len(h.events)
+    forked = h.add("@eve:evil.test", prev_events=[before], depth=h.events[-1]["depth"] + 5)
+    after = h.add("@eve:evil.test", prev_events=[forked, acl])
     results, _ = h.audit()
-    (finding,) = [f for r in results for f in r.findings]
-    assert finding.confidence is Confidence.LOW
+    by_event = {r.event_id: r.findings for r in results if r.findings}
+    (ambiguous,) = by_event[forked]
+    assert ambiguous.confidence is Confidence.LOW
     assert (
-        f"order ambiguous: concurrent with the state change at position {len(h.events) - 1}"
-        in finding.detail
+        f"order ambiguous: not built on the acl change at position {acl_position}"
+        in ambiguous.detail
     )
-    assert acl
+    acl_finding = next(f for f in by_event[after] if f.rule is Rule.HISTORY_ACL)
+    assert "order ambiguous" not in acl_finding.detail
+
+
+def test_past_the_window_the_order_is_judged_by_depth(monkeypatch):
+    """A prev_event the audit no longer remembers: no deeper than the ACL is ambiguous."""
+    import rules.history
+
+    monkeypatch.setattr(rules.history, "DAG_WINDOW", 2)
+    h = room("@eve:evil.test", "@bob:relay.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    acl = len(h.events)
+    for _ in range(3):
+        h.add("@bob:relay.test")
+    shallow = h.add("@eve:evil.test", prev_events=["$e1"], depth=acl)
+    deep = h.add("@eve:evil.test", prev_events=["$e1"], depth=acl + 1)
+    results, _ = h.audit()
+    details = {r.event_id: r.findings[0].detail for r in results if r.findings}
+    assert f"concurrent with the acl change at position {acl}, depth {acl}" in details[shallow]
+    assert "order ambiguous" not in details[deep]
+
+
+def test_only_the_change_behind_the_refusal_makes_it_ambiguous():
+    """Built on the ACL, concurrent with a later participation change that refuses
+    nothing of it: the ACL finding is not ambiguous."""
+    h = room("@eve:evil.test", "@bob:relay.test")
+    h.add("@alice:hs.test", "m.room.server_acl", "", DENY_EVIL)
+    acl = h.events[-1]["event_id"]
+    h.add("@alice:hs.test", "m.server.participation", "relay.test", {"participation": "permitted"})
+    leaked = h.add("@eve:evil.test", prev_events=[acl], depth=h.events[-1]["depth"] + 1)
+    results, _ = h.audit()
+    (finding,) = [f for r in results if r.event_id == leaked for f in r.findings]
+    assert "order ambiguous" not in finding.detail
 
 
 def test_participation_and_policy_lists_and_banned_users():
@@ -295,3 +331,104 @@ def test_a_resumed_audit_follows_the_policy_lists_from_where_it_was():
         again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
         assert head + [again.judge(e) for e in h.events[cut:]] == expected, cut
     assert len([f for r in expected for f in r.findings]) == 2  # at 3000 and 5000
+
+
+SPACE, SUBSPACE = "!space:hs.test", "!sub:hs.test"
+
+
+def space_event(ts, room_id, event_type, state_key, content):
+    return {
+        "room_id": room_id,
+        "type": event_type,
+        "state_key": state_key,
+        "content": content,
+        "origin_server_ts": ts,
+        "sender": "@alice:hs.test",
+        "event_id": f"$s{ts}",
+    }
+
+
+def evil_at(h, *times):
+    return {ts: h.add("@eve:evil.test", origin_server_ts=ts, prev_events=["$e1"]) for ts in times}
+
+
+def test_a_space_acl_binds_the_room_only_while_the_room_is_in_the_space():
+    """MSC3216 along the history: linked at 2000, the space's ACL set at 3000, the link
+    removed at 6000. Only evil.test's event at 4000 was refused then."""
+    from rules.history import PolicyTimeline
+
+    h = room("@eve:evil.test", "@bob:relay.test")
+    times = evil_at(h, 1000, 2500, 4000, 7000)
+    timeline = PolicyTimeline(
+        [],
+        [
+            space_event(6000, SPACE, "m.space.child", ROOM, {}),  # unlinked: no via
+            space_event(3000, SPACE, "m.room.server_acl", "", DENY_EVIL),
+            space_event(2000, SPACE, "m.space.child", ROOM, {"via": ["hs.test"]}),
+        ],
+        [SPACE],
+    )
+    audit = HistoryAudit(ROOM, LOCAL, OperatorPolicy(local_server=LOCAL), timeline=timeline)
+    results = [audit.judge(e) for e in h.events]
+    assert [(e, r) for e, r, _, _ in found(results)] == [(times[4000], Rule.HISTORY_ACL)]
+    (finding,) = [f for r in results for f in r.findings]
+    assert f"space {SPACE}" in finding.detail
+
+
+def test_a_space_binds_through_a_subspace_and_its_participation_counts():
+    """space → subspace → room, the space's participation denying evil.test from 2000; the
+    subspace drops the room at 5000. A space not configured binds nothing."""
+    from rules.history import PolicyTimeline
+
+    h = room("@eve:evil.test")
+    times = evil_at(h, 1500, 3000, 6000)
+    events = [
+        space_event(1000, SPACE, "m.space.child", SUBSPACE, {"via": ["hs.test"]}),
+        space_event(1100, SUBSPACE, "m.space.child", ROOM, {"via": ["hs.test"]}),
+        space_event(1200, SUBSPACE, "m.space.child", SPACE, {"via": ["hs.test"]}),  # a cycle
+        space_event(2000, SPACE, "m.server.participation", "evil.test", {"participation": "deny"}),
+        space_event(5000, SUBSPACE, "m.space.child", ROOM, {"via": []}),
+    ]
+    audit = HistoryAudit(
+        ROOM,
+        LOCAL,
+        OperatorPolicy(local_server=LOCAL),
+        timeline=PolicyTimeline([], events, [SPACE]),
+    )
+    results = [audit.judge(e) for e in h.events]
+    assert [(e, r) for e, r, _, _ in found(results)] == [(times[3000], Rule.HISTORY_PARTICIPATION)]
+    unconfigured = HistoryAudit(
+        ROOM, LOCAL, OperatorPolicy(local_server=LOCAL), timeline=PolicyTimeline([], events, [])
+    )
+    assert not found([unconfigured.judge(e) for e in h.events])
+
+
+def test_a_resumed_audit_follows_the_spaces_from_where_it_was():
+    from rules.history import PolicyTimeline
+
+    def timeline():
+        return PolicyTimeline(
+            [rule_event(2500, "spam.test", "rule:spam")],
+            [
+                space_event(2000, SPACE, "m.space.child", ROOM, {"via": ["hs.test"]}),
+                space_event(3000, SPACE, "m.room.server_acl", "", DENY_EVIL),
+                space_event(6000, SPACE, "m.room.server_acl", "", {"allow": ["*"]}),
+                {"room_id": SPACE, "type": "m.room.server_acl", "state_key": ""},  # no ts: ignored
+                {"type": "m.space.child", "state_key": ROOM, "origin_server_ts": 1},  # no room
+            ],
+            [SPACE],
+        )
+
+    h = room("@eve:evil.test", "@s:spam.test")
+    evil_at(h, 1000, 4000, 7000)
+    h.add("@s:spam.test", origin_server_ts=7500, prev_events=["$e1"])
+    policy = OperatorPolicy(local_server=LOCAL)
+    whole = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
+    expected = [whole.judge(e) for e in h.events]
+    assert [r for _, r, _, _ in found(expected)] == [Rule.HISTORY_ACL, Rule.HISTORY_POLICY]
+    for cut in range(len(h.events)):
+        first = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
+        head = [first.judge(e) for e in h.events[:cut]]
+        snapshot = json.loads(json.dumps(first.snapshot()))
+        again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
+        assert head + [again.judge(e) for e in h.events[cut:]] == expected, cut
