@@ -617,27 +617,72 @@ def _changes_after(conn: Connection, last: int, limit: int) -> list[tuple[Any, .
     )
 
 
-# What `modgud db migrate-to` copies, table by table, in the order of their keys; the
-# row IDs of findings and state changes too (the edge follows them as news).
-_STATE_CHANGE_COLUMNS = ("id", "ts", "room_id", "event_type", "state_key", "event_id")
-COPIED_TABLES = ("findings", "knocks", "state_changes", "events")
-_COPY_FINDINGS = "SELECT id, " + ", ".join(FINDING_COLUMNS) + " FROM findings ORDER BY id"  # noqa: S608
-_PASTE_FINDINGS = f"INSERT INTO findings (id, {', '.join(FINDING_COLUMNS)}) VALUES (?, {', '.join('?' for _ in FINDING_COLUMNS)})"  # noqa: S608, E501
-_COPY_KNOCKS = "SELECT " + ", ".join(KNOCK_COLUMNS) + " FROM knocks ORDER BY room_id, server"  # noqa: S608
-_PASTE_KNOCKS = f"INSERT INTO knocks ({', '.join(KNOCK_COLUMNS)}) VALUES ({', '.join('?' for _ in KNOCK_COLUMNS)})"  # noqa: S608, E501
-_COPY_CHANGES = "SELECT " + ", ".join(_STATE_CHANGE_COLUMNS) + " FROM state_changes ORDER BY id"  # noqa: S608
-_PASTE_CHANGES = f"INSERT INTO state_changes ({', '.join(_STATE_CHANGE_COLUMNS)}) VALUES ({', '.join('?' for _ in _STATE_CHANGE_COLUMNS)})"  # noqa: S608, E501
-_COPY_EVENTS = "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM events ORDER BY room_id, content_hash"  # noqa: S608
-_PASTE_EVENTS = f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"  # noqa: S608, E501
-# Identity columns given explicitly: the next generated ID goes on after the copied ones.
-_RESEQUENCE_FINDINGS = (
-    "SELECT setval(pg_get_serial_sequence('findings', 'id'), "
-    "(SELECT COALESCE(MAX(id), 0) + 1 FROM findings), false)"
+@dataclass(frozen=True, slots=True)
+class _Copied:
+    """A table `modgud db migrate-to` copies: its columns, in the order of its key;
+    `identity`: its `id` column is generated, so the next ID must go on after the copied
+    ones (the edge follows findings and state changes by ID)."""
+
+    table: str
+    columns: tuple[str, ...]
+    order: str
+    identity: bool = False
+
+    def select(self) -> str:
+        return f"SELECT {', '.join(self.columns)} FROM {self.table} ORDER BY {self.order}"  # noqa: S608
+
+    def insert(self) -> str:
+        marks = ", ".join("?" for _ in self.columns)
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({marks})"  # noqa: S608
+
+    def resequence(self) -> str:
+        sequence = f"pg_get_serial_sequence('{self.table}', 'id')"
+        return (
+            f"SELECT setval({sequence}, (SELECT COALESCE(MAX(id), 0) + 1 FROM {self.table}), false)"  # noqa: S608, E501
+        )
+
+
+# Every table of the schema but its version: the records, the management room's memory
+# and the history audit's cursors (without them, an audit run again after the move would
+# record every finding a second time).
+_COPIED = (
+    _Copied("findings", ("id", *FINDING_COLUMNS), "id", identity=True),
+    _Copied("knocks", KNOCK_COLUMNS, "room_id, server"),
+    _Copied(
+        "state_changes",
+        ("id", "ts", "room_id", "event_type", "state_key", "event_id"),
+        "id",
+        identity=True,
+    ),
+    _Copied("events", EVENT_COLUMNS, "room_id, content_hash"),
+    _Copied(
+        "management_outbox",
+        ("txn_id", "kind", "item", "content", "created", "sent_at", "event_id"),
+        "txn_id",
+    ),
+    _Copied("management_acted", ("event_id", "kind", "sender", "ts", "done"), "event_id"),
+    _Copied(
+        "management_groups",
+        (
+            "group_key",
+            "room_id",
+            "blamed",
+            "rule",
+            "first_txn",
+            "last_posted",
+            "unposted",
+            "total",
+        ),
+        "group_key",
+    ),
+    _Copied("management_cursors", ("name", "value", "holder", "expires"), "name"),
+    _Copied(
+        "history_cursors",
+        ("room_id", "token", "position", "snapshot", "updated", "finished"),
+        "room_id",
+    ),
 )
-_RESEQUENCE_CHANGES = (
-    "SELECT setval(pg_get_serial_sequence('state_changes', 'id'), "
-    "(SELECT COALESCE(MAX(id), 0) + 1 FROM state_changes), false)"
-)
+COPIED_TABLES = tuple(c.table for c in _COPIED)
 COPY_CHUNK = 5_000
 
 
@@ -652,8 +697,8 @@ def copy_records(source: str, target: str, chunk: int = COPY_CHUNK) -> list[tupl
     with reading(source, timeout=30) as src:
         dst = into.connect()
         try:
-            for table in COPIED_TABLES:
-                counts.append((table, *_copy_table(src, dst, into, table, chunk)))
+            for table in _COPIED:
+                counts.append((table.table, *_copy_table(src, dst, into, table, chunk)))
         except into.errors.any as e:
             raise DatabaseError(f"{into.describe()}: {e}") from None
         finally:
@@ -662,36 +707,21 @@ def copy_records(source: str, target: str, chunk: int = COPY_CHUNK) -> list[tupl
 
 
 def _copy_table(
-    src: Connection, dst: Connection, into: Database, table: str, chunk: int
+    src: Connection, dst: Connection, into: Database, table: _Copied, chunk: int
 ) -> tuple[int, int]:
     """One table: (rows in the source, rows in the target after)."""
-    resequence = ""
-    if table == "findings":
-        copy = _COPY_FINDINGS
-        paste = _PASTE_FINDINGS
-        count = "SELECT COUNT(*) FROM findings"
-        resequence = _RESEQUENCE_FINDINGS
-    elif table == "knocks":
-        copy = _COPY_KNOCKS
-        paste = _PASTE_KNOCKS
-        count = "SELECT COUNT(*) FROM knocks"
-    elif table == "state_changes":
-        copy = _COPY_CHANGES
-        paste = _PASTE_CHANGES
-        count = "SELECT COUNT(*) FROM state_changes"
-        resequence = _RESEQUENCE_CHANGES
-    else:
-        copy = _COPY_EVENTS
-        paste = _PASTE_EVENTS
-        count = "SELECT COUNT(*) FROM events"
+    count = f"SELECT COUNT(*) FROM {table.table}"  # noqa: S608
     if (dst.one(count) or (0,))[0]:
-        raise DatabaseError(f"{into.describe()} already holds {table}: copy into an empty one")
+        raise DatabaseError(
+            f"{into.describe()} already holds {table.table}: copy into an empty one"
+        )
+    copy, paste = table.select(), table.insert()
     cursor = src.raw.execute(copy)
     copied = 0
     with dst.transaction():
         while rows := cursor.fetchmany(chunk):
             dst.executemany(paste, rows)
             copied += len(rows)
-        if resequence and into.engine == "postgresql":
-            dst.one(resequence)
+        if table.identity and into.engine == "postgresql":
+            dst.one(table.resequence())
     return copied, int((dst.one(count) or (0,))[0])

@@ -169,6 +169,22 @@ def fill(path: str) -> None:
     )
     store.close()
     decide_knock(path, "!r:x", "other.test", "approved", "known")
+    # The management room's memory and a history audit's cursor, by their own writers.
+    from proxy_addons.history import _checkpoint
+    from proxy_addons.management import LeakGroup, Memory, Post
+    from rules.history import HistoryAudit
+
+    memory = Memory(path)
+    memory.record(
+        [Post("t1", "knock", "!r:x knocker.test", {"body": "knock"})],
+        7.0,
+        cursors={"since": "s1"},
+        groups=[LeakGroup("g1", "!r:x", "relay.test", "leak.relay", "t1", 7.0, 0, 3)],
+    )
+    memory.begin("$cmd", "command", "@mod:x", 8.0)
+    audit = HistoryAudit("!r:x", "x")
+    audit.judge({"event_id": "$c", "type": "m.room.create", "sender": "@a:x", "prev_events": []})
+    _checkpoint(path, "!r:x", "t5-9", audit, [], False)
 
 
 def test_migrate_to_copies_every_record_and_compares_the_counts(tmp_path, pg_url, capsys):
@@ -176,8 +192,29 @@ def test_migrate_to_copies_every_record_and_compares_the_counts(tmp_path, pg_url
     fill(source)
     assert main(["db", "migrate-to", pg_url, "--db", source]) == 0
     out = capsys.readouterr().out
-    for table, count in (("findings", 121), ("knocks", 2), ("state_changes", 1), ("events", 2)):
+    for table, count in (
+        ("findings", 121),
+        ("knocks", 2),
+        ("state_changes", 1),
+        ("events", 2),
+        ("management_outbox", 1),
+        ("management_acted", 1),
+        ("management_groups", 1),
+        ("management_cursors", 1),
+        ("history_cursors", 1),
+    ):
         assert f"{table:<14} {count:>10} copied, {count:>10} there ok" in out
+    from proxy_addons.history import _load_cursor
+    from proxy_addons.management import Memory
+
+    assert _load_cursor(pg_url, "!r:x") == _load_cursor(source, "!r:x")
+    assert _load_cursor(pg_url, "!r:x")[0] == "t5-9"
+    assert Memory(pg_url).cursor("since") == "s1"
+    assert Memory(pg_url).groups() == Memory(source).groups()
+    assert Memory(pg_url).unsent() == Memory(source).unsent() != []
+    with reading(pg_url) as conn:
+        acted = conn.one("SELECT sender, done FROM management_acted WHERE event_id = '$cmd'")
+    assert acted == ("@mod:x", 0)
     assert list(query_findings([pg_url])) == list(query_findings([source]))
     assert query_knocks(pg_url) == query_knocks(source)
     # New records go on after the copied IDs (the edge follows findings by ID).
