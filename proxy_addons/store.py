@@ -617,72 +617,64 @@ def _changes_after(conn: Connection, last: int, limit: int) -> list[tuple[Any, .
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Copied:
-    """A table `modgud db migrate-to` copies: its columns, in the order of its key;
-    `identity`: its `id` column is generated, so the next ID must go on after the copied
-    ones (the edge follows findings and state changes by ID)."""
-
-    table: str
-    columns: tuple[str, ...]
-    order: str
-    identity: bool = False
-
-    def select(self) -> str:
-        return f"SELECT {', '.join(self.columns)} FROM {self.table} ORDER BY {self.order}"  # noqa: S608
-
-    def insert(self) -> str:
-        marks = ", ".join("?" for _ in self.columns)
-        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({marks})"  # noqa: S608
-
-    def resequence(self) -> str:
-        sequence = f"pg_get_serial_sequence('{self.table}', 'id')"
-        return (
-            f"SELECT setval({sequence}, (SELECT COALESCE(MAX(id), 0) + 1 FROM {self.table}), false)"  # noqa: S608, E501
-        )
-
-
-# Every table of the schema but its version: the records, the management room's memory
-# and the history audit's cursors (without them, an audit run again after the move would
-# record every finding a second time).
-_COPIED = (
-    _Copied("findings", ("id", *FINDING_COLUMNS), "id", identity=True),
-    _Copied("knocks", KNOCK_COLUMNS, "room_id, server"),
-    _Copied(
-        "state_changes",
-        ("id", "ts", "room_id", "event_type", "state_key", "event_id"),
-        "id",
-        identity=True,
-    ),
-    _Copied("events", EVENT_COLUMNS, "room_id, content_hash"),
-    _Copied(
-        "management_outbox",
-        ("txn_id", "kind", "item", "content", "created", "sent_at", "event_id"),
-        "txn_id",
-    ),
-    _Copied("management_acted", ("event_id", "kind", "sender", "ts", "done"), "event_id"),
-    _Copied(
-        "management_groups",
-        (
-            "group_key",
-            "room_id",
-            "blamed",
-            "rule",
-            "first_txn",
-            "last_posted",
-            "unposted",
-            "total",
-        ),
-        "group_key",
-    ),
-    _Copied("management_cursors", ("name", "value", "holder", "expires"), "name"),
-    _Copied(
-        "history_cursors",
-        ("room_id", "token", "position", "snapshot", "updated", "finished"),
-        "room_id",
-    ),
+# What `modgud db migrate-to` copies: every table of the schema but its version — the
+# records, the management room's memory and the history audit's cursors (without them,
+# an audit run again after the move would record every finding a second time) — each
+# with its columns, in the order of its key. The SQL is spelled out per table, from
+# constants only (tests/proxy_addons/test_security.py checks it).
+COPIED_TABLES = (
+    "findings",
+    "knocks",
+    "state_changes",
+    "events",
+    "management_outbox",
+    "management_acted",
+    "management_groups",
+    "management_cursors",
+    "history_cursors",
 )
-COPIED_TABLES = tuple(c.table for c in _COPIED)
+_COPIED_COLUMNS = {
+    "findings": "id, " + ", ".join(FINDING_COLUMNS),
+    "knocks": ", ".join(KNOCK_COLUMNS),
+    "state_changes": "id, ts, room_id, event_type, state_key, event_id",
+    "events": ", ".join(EVENT_COLUMNS),
+    "management_outbox": "txn_id, kind, item, content, created, sent_at, event_id",
+    "management_acted": "event_id, kind, sender, ts, done",
+    "management_groups": (
+        "group_key, room_id, blamed, rule, first_txn, last_posted, unposted, total"
+    ),
+    "management_cursors": "name, value, holder, expires",
+    "history_cursors": "room_id, token, position, snapshot, updated, finished",
+}
+_COPIED_ORDER = {
+    "findings": "id",
+    "knocks": "room_id, server",
+    "state_changes": "id",
+    "events": "room_id, content_hash",
+    "management_outbox": "txn_id",
+    "management_acted": "event_id",
+    "management_groups": "group_key",
+    "management_cursors": "name",
+    "history_cursors": "room_id",
+}
+_COUNT = {t: f"SELECT COUNT(*) FROM {t}" for t in COPIED_TABLES}  # noqa: S608
+_COPY = {
+    t: f"SELECT {_COPIED_COLUMNS[t]} FROM {t} ORDER BY {_COPIED_ORDER[t]}"  # noqa: S608
+    for t in COPIED_TABLES
+}
+_PASTE = {
+    t: f"INSERT INTO {t} ({_COPIED_COLUMNS[t]}) VALUES ("  # noqa: S608
+    + ", ".join("?" for _ in _COPIED_COLUMNS[t].split(", "))
+    + ")"
+    for t in COPIED_TABLES
+}
+# Identity columns given explicitly: on PostgreSQL the next generated ID must go on after
+# the copied ones (the edge follows findings and state changes by ID).
+_RESEQUENCE = {
+    t: f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), "  # noqa: S608
+    f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {t}), false)"
+    for t in ("findings", "state_changes")
+}
 COPY_CHUNK = 5_000
 
 
@@ -697,8 +689,8 @@ def copy_records(source: str, target: str, chunk: int = COPY_CHUNK) -> list[tupl
     with reading(source, timeout=30) as src:
         dst = into.connect()
         try:
-            for table in _COPIED:
-                counts.append((table.table, *_copy_table(src, dst, into, table, chunk)))
+            for table in COPIED_TABLES:
+                counts.append((table, *_copy_table(src, dst, into, table, chunk)))
         except into.errors.any as e:
             raise DatabaseError(f"{into.describe()}: {e}") from None
         finally:
@@ -707,21 +699,17 @@ def copy_records(source: str, target: str, chunk: int = COPY_CHUNK) -> list[tupl
 
 
 def _copy_table(
-    src: Connection, dst: Connection, into: Database, table: _Copied, chunk: int
+    src: Connection, dst: Connection, into: Database, table: str, chunk: int
 ) -> tuple[int, int]:
     """One table: (rows in the source, rows in the target after)."""
-    count = f"SELECT COUNT(*) FROM {table.table}"  # noqa: S608
-    if (dst.one(count) or (0,))[0]:
-        raise DatabaseError(
-            f"{into.describe()} already holds {table.table}: copy into an empty one"
-        )
-    copy, paste = table.select(), table.insert()
-    cursor = src.raw.execute(copy)
+    if (dst.one(_COUNT[table]) or (0,))[0]:
+        raise DatabaseError(f"{into.describe()} already holds {table}: copy into an empty one")
+    cursor = src.raw.execute(_COPY[table])
     copied = 0
     with dst.transaction():
         while rows := cursor.fetchmany(chunk):
-            dst.executemany(paste, rows)
+            dst.executemany(_PASTE[table], rows)
             copied += len(rows)
-        if table.identity and into.engine == "postgresql":
-            dst.one(table.resequence())
-    return copied, int((dst.one(count) or (0,))[0])
+        if table in _RESEQUENCE and into.engine == "postgresql":
+            dst.one(_RESEQUENCE[table])
+    return copied, int((dst.one(_COUNT[table]) or (0,))[0])

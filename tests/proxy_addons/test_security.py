@@ -1068,6 +1068,11 @@ class SqlBuilding:
                 keywords=[],
             ):
                 return self.safe(self.ITEMS, items, env, depth)
+            case ast.Subscript(value=container, slice=ast.expr()) if not isinstance(
+                node.slice, ast.Slice
+            ):
+                # One element of a collection of safe texts, whatever the index.
+                return self.safe(self.ITEMS, container, env, depth)
             case ast.Name(id=name):
                 return self._name(self.TEXT, node, name, env, depth)
         return False
@@ -1076,8 +1081,14 @@ class SqlBuilding:
         match node:
             case ast.Tuple(elts=elts) | ast.List(elts=elts) | ast.Set(elts=elts):
                 return all(self.safe(self.TEXT, e, env, depth) for e in elts)
+            case ast.Dict(keys=keys, values=values):  # indexed: a value; iterated: a key
+                return all(
+                    k is not None and self.safe(self.TEXT, k, env, depth) for k in keys
+                ) and all(self.safe(self.TEXT, v, env, depth) for v in values)
             case (
-                ast.GeneratorExp(elt=elt, generators=gens) | ast.ListComp(elt=elt, generators=gens)
+                ast.GeneratorExp(elt=elt, generators=gens)
+                | ast.ListComp(elt=elt, generators=gens)
+                | ast.DictComp(key=_, value=elt, generators=gens)
             ):
                 inner = dict(env)
                 for gen in gens:
@@ -1087,8 +1098,9 @@ class SqlBuilding:
                         for target in ast.walk(gen.target):
                             if isinstance(target, ast.Name):
                                 inner[target.id] = ast.Name("an unknown value")
+                elements = [elt, *([node.key] if isinstance(node, ast.DictComp) else [])]
                 # An element built from constants needs nothing of what it iterates.
-                return self.safe(self.TEXT, elt, inner, depth)
+                return all(self.safe(self.TEXT, e, inner, depth) for e in elements)
             case ast.Name(id=name):
                 return self._name(self.ITEMS, node, name, env, depth)
         return False
@@ -1293,6 +1305,18 @@ UNSAFE_SNIPPETS = {
     "sqlite_utils where": "def f(t, room):\n    t.rows_where(f'r = {room}')\n",
     "keyword sql": "def f(db, room):\n    db.query(sql='SELECT ' + room)\n",
     "module name from a call": "import os\nSQL = os.environ['X']\ndef f(c):\n    c.execute(SQL)\n",
+    "element of a list of values": "def f(c, rooms):\n    c.execute(rooms[0])\n",
+    "dict holding a value": (
+        "import os\nSQL = {'a': 'SELECT 1', 'b': os.environ['X']}\n"
+        "def f(c, t):\n    c.execute(SQL[t])\n"
+    ),
+    "dict keyed by values": (
+        "import os\nSQL = {os.environ['X']: 'SELECT 1'}\n"
+        "def f(c):\n    for k in SQL:\n        c.execute(k)\n"
+    ),
+    "dict comprehension over values": (
+        "def f(c, rooms):\n    sql = {r: f'SELECT {r}' for r in rooms}\n    c.execute(sql['x'])\n"
+    ),
 }
 
 SAFE_SNIPPETS = {
@@ -1315,6 +1339,11 @@ SAFE_SNIPPETS = {
     "loop over constants": (
         "SCHEMA = ('CREATE TABLE a (x)', 'CREATE TABLE b (y)')\n"
         "def f(c):\n    for s in SCHEMA:\n        c.execute(s)\n"
+    ),
+    "per-table text chosen by key": (
+        "TABLES = ('a', 'b')\nCOLS = {'a': 'x, y', 'b': 'z'}\n"
+        "SQL = {t: f'SELECT {COLS[t]} FROM {t}' for t in TABLES}\n"
+        "def f(c, t):\n    c.execute(SQL[t])\n"
     ),
 }
 
