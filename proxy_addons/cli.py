@@ -505,10 +505,7 @@ async def _history_of(
 
     def on_page(run: HistoryRun) -> None:
         if terminal:
-            rate = run.judged / run.seconds if run.seconds else 0.0
-            sys.stderr.write(
-                f"\r{room_id}: {run.position} events, {run.found} findings, {rate:,.0f}/s"
-            )
+            sys.stderr.write(f"\r{room_id}: {run.progress()}")
             sys.stderr.flush()
 
     run = await audit_room(

@@ -75,6 +75,17 @@ class HistoryRun:
     resumed_at: int = 0  # where this run began (0: the start)
     found: int = 0  # findings recorded in this run (the room's are in the database)
     seconds: float = 0.0
+    total: int = 0  # events the walk back saw: the history's length, for progress
+
+    def progress(self, width: int = 30) -> str:
+        """A progress line for a terminal: a bar, events, findings, rate."""
+        share = min(1.0, self.position / self.total) if self.total else 0.0
+        done = round(share * width)
+        rate = self.judged / self.seconds if self.seconds else 0.0
+        return (
+            f"[{'#' * done}{'.' * (width - done)}] {share:4.0%} "
+            f"{self.position:,}/{self.total:,} events, {self.found} findings, {rate:,.0f}/s"
+        )
 
 
 async def _get(session: aiohttp.ClientSession, url: str, token: str | None) -> Any:
@@ -358,7 +369,7 @@ async def audit_room(
     timeout = aiohttp.ClientTimeout(total=max(30.0, config.state_timeout_seconds * 6))
     pages = 0
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await walk_back(session, config, room_id, page_events)
+        total = await walk_back(session, config, room_id, page_events)
         if policy_history is None:
             policy_history = await read_policy_history(session, config)
         timeline = policy_history.timeline() if policy_history is not None else None
@@ -367,7 +378,7 @@ async def audit_room(
             if snapshot is not None
             else HistoryAudit(room_id, config.server_name, policy, timeline=timeline)
         )
-        run = HistoryRun(room_id, position=audit.position, resumed_at=audit.position)
+        run = HistoryRun(room_id, position=audit.position, resumed_at=audit.position, total=total)
         pages_read = read_history(session, config, room_id, token, page_events)
         async for events, next_token in pages_read:
             ids = [e["event_id"] for e in events if isinstance(e.get("event_id"), str)]

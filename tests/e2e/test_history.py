@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -210,6 +212,13 @@ def test_all_audits_every_room_the_homeserver_has(leaked):
     assert new == recorded > 0
 
 
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty's output until it closes, so the writer never blocks on a full pty."""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+
+
 class StallingAdminApi:
     """hs2's admin API through a forwarder that serves `pages` forward pages of one room's
     history, then holds the next such request (modgud waits on it) until `release`."""
@@ -297,11 +306,30 @@ def test_a_large_room_resumes_after_modgud_is_killed_mid_audit(leaked):
         assert cut == 1000 and not finished
         assert 0 < before < 24  # leaks on both sides of the cut
         api.release()
-        rest = leaked.history(room_id, config=config_path)
+        # On a terminal (stderr a pty, read as it is written), with a progress bar.
+        terminal, tty = pty.openpty()
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=_drain, args=(terminal, chunks), daemon=True)
+        reader.start()
+        try:
+            rest = subprocess.run(
+                [str(modgud), "history", room_id, "--config", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=tty,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(tty)
+            reader.join(timeout=10)
+            os.close(terminal)
+        progress = b"".join(chunks).decode(errors="replace")
     finally:
         api.close()
-    assert rest.returncode == 1, rest.stdout + rest.stderr
+    assert rest.returncode == 1, rest.stdout
     assert "resumed at 1000" in rest.stdout, rest.stdout
+    assert f"{room_id}: [" in progress and "] 100% 1,2" in progress, progress
     found = history_findings(str(database), room_id)
     assert len(found) == 24  # nothing recorded twice
     assert {r["event_id"] for r in found if r["rule"] == "history.acl"} == sent.leaked

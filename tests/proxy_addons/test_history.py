@@ -40,3 +40,13 @@ def test_no_cursor_and_no_findings_before_a_run(config_path):
     with pytest.raises(HistoryError):
         asyncio.run(audit_room(config, "!r:hs.test", OperatorPolicy(local_server="hs.test")))
     assert history_findings(config.database, "!r:hs.test") == []
+
+
+def test_the_progress_bar():
+    from proxy_addons.history import HistoryRun
+
+    run = HistoryRun("!r:hs.test", judged=2_500, position=5_000, found=3, seconds=2.5, total=10_000)
+    assert run.progress(10) == "[#####.....]  50% 5,000/10,000 events, 3 findings, 1,000/s"
+    run.position = 12_000  # events stored since the walk back
+    assert run.progress(10).startswith("[##########] 100% 12,000/10,000")
+    assert HistoryRun("!r:hs.test").progress(4) == "[....]   0% 0/0 events, 0 findings, 0/s"
