@@ -310,6 +310,17 @@ def test_policy_list_rules_count_from_when_they_were_made_until_removed():
     assert [(e, r) for e, r, _, _ in found(results)] == [(times[3000], Rule.HISTORY_POLICY)]
 
 
+def assert_resumes_anywhere(events, policy, timeline, expected):
+    """Cut the run before every event, snapshot (through JSON, as the cursor is stored),
+    restore and go on: the results are those of one run through."""
+    for cut in range(len(events)):
+        first = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
+        head = [first.judge(e) for e in events[:cut]]
+        snapshot = json.loads(json.dumps(first.snapshot()))
+        again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
+        assert head + [again.judge(e) for e in events[cut:]] == expected, cut
+
+
 def test_a_resumed_audit_follows_the_policy_lists_from_where_it_was():
     from rules.history import PolicyTimeline
 
@@ -324,12 +335,7 @@ def test_a_resumed_audit_follows_the_policy_lists_from_where_it_was():
     policy = OperatorPolicy(local_server=LOCAL)
     whole = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
     expected = [whole.judge(e) for e in h.events]
-    for cut in range(len(h.events)):
-        first = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
-        head = [first.judge(e) for e in h.events[:cut]]
-        snapshot = json.loads(json.dumps(first.snapshot()))
-        again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
-        assert head + [again.judge(e) for e in h.events[cut:]] == expected, cut
+    assert_resumes_anywhere(h.events, policy, timeline, expected)
     assert len([f for r in expected for f in r.findings]) == 2  # at 3000 and 5000
 
 
@@ -426,9 +432,4 @@ def test_a_resumed_audit_follows_the_spaces_from_where_it_was():
     whole = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
     expected = [whole.judge(e) for e in h.events]
     assert [r for _, r, _, _ in found(expected)] == [Rule.HISTORY_ACL, Rule.HISTORY_POLICY]
-    for cut in range(len(h.events)):
-        first = HistoryAudit(ROOM, LOCAL, policy, timeline=timeline())
-        head = [first.judge(e) for e in h.events[:cut]]
-        snapshot = json.loads(json.dumps(first.snapshot()))
-        again = HistoryAudit.restore(snapshot, ROOM, LOCAL, policy, timeline=timeline())
-        assert head + [again.judge(e) for e in h.events[cut:]] == expected, cut
+    assert_resumes_anywhere(h.events, policy, timeline, expected)
