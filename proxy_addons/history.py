@@ -290,9 +290,12 @@ def _checkpoint(
         )
 
 
-def forget_cursor(database: str, room_id: str) -> None:
+def forget_history(database: str, room_id: str) -> None:
+    """Start the room's audit over: its cursor and the history findings it recorded go
+    together (else a run from the start would record each of them a second time)."""
     with writing(database) as db:
         db.execute("DELETE FROM history_cursors WHERE room_id = ?", (room_id,))
+        db.execute("DELETE FROM findings WHERE room_id = ? AND endpoint = 'history'", (room_id,))
 
 
 def _delivered_by(database: str, event_ids: list[str]) -> dict[str, str]:
@@ -363,7 +366,7 @@ async def audit_room(
     when the caller audits several rooms; read here otherwise."""
     open_db(config.database).migrate()  # a first audit may make the database
     if restart:
-        forget_cursor(config.database, room_id)
+        forget_history(config.database, room_id)
     token, snapshot = _load_cursor(config.database, room_id)
     started = time.monotonic()
     timeout = aiohttp.ClientTimeout(total=max(30.0, config.state_timeout_seconds * 6))

@@ -8,6 +8,7 @@ import pytest
 from proxy_addons.cli import main
 from proxy_addons.config import load_config
 from proxy_addons.history import HistoryError, audit_room, history_findings
+from proxy_addons.store import FINDING_COLUMNS
 from rules.policy import OperatorPolicy
 
 
@@ -50,3 +51,44 @@ def test_the_progress_bar():
     run.position = 12_000  # events stored since the walk back
     assert run.progress(10).startswith("[##########] 100% 12,000/10,000")
     assert HistoryRun("!r:hs.test").progress(4) == "[....]   0% 0/0 events, 0 findings, 0/s"
+
+
+def test_starting_over_forgets_the_rooms_cursor_and_history_findings_only(config_path):
+    """--restart: the room's cursor and history findings go (a run from the start records
+    them again, and what no longer holds is not left behind); other rooms' and the
+    edge's findings stay."""
+    from proxy_addons.database import reading, writing
+    from proxy_addons.history import _checkpoint, _row, forget_history
+    from proxy_addons.store import insert_findings
+    from rules.findings import Confidence, Finding, Rule, Severity
+    from rules.history import HistoryAudit
+
+    config = load_config(config_path)
+
+    def finding(room_id, event_id, rule=Rule.HISTORY_ACL):
+        f = Finding(
+            rule,
+            Severity.WARNING,
+            "refused",
+            room_id=room_id,
+            event_id=event_id,
+            sender="@e:evil.test",
+            sender_server="evil.test",
+            confidence=Confidence.LOW,
+        )
+        return _row(f, {}, 1.0)
+
+    for room_id in ("!a:hs.test", "!b:hs.test"):
+        audit = HistoryAudit(room_id, "hs.test", OperatorPolicy(local_server="hs.test"))
+        found = [finding(room_id, f"$1{room_id[1]}")]
+        _checkpoint(config.database, room_id, "t", audit, found, True)
+    edge = list(finding("!a:hs.test", "$2", Rule.ACL_SENDER))
+    edge[FINDING_COLUMNS.index("endpoint")] = "send"
+    with writing(config.database) as db:
+        insert_findings(db, [tuple(edge)])
+    forget_history(config.database, "!a:hs.test")
+    assert history_findings(config.database, "!a:hs.test") == []
+    assert [r["event_id"] for r in history_findings(config.database, "!b:hs.test")] == ["$1b"]
+    with reading(config.database) as conn:
+        assert conn.tuples("SELECT room_id FROM history_cursors") == [("!b:hs.test",)]
+        assert conn.tuples("SELECT event_id FROM findings WHERE endpoint = 'send'") == [("$2",)]
