@@ -295,7 +295,7 @@ def forget_history(database: str, room_id: str) -> None:
     together (else a run from the start would record each of them a second time)."""
     with writing(database) as db:
         db.execute("DELETE FROM history_cursors WHERE room_id = ?", (room_id,))
-        db.execute("DELETE FROM findings WHERE room_id = ? AND endpoint = 'history'", (room_id,))
+        db.execute("DELETE FROM findings WHERE room_id = ? AND endpoint = ?", (room_id, ENDPOINT))
 
 
 def _delivered_by(database: str, event_ids: list[str]) -> dict[str, str]:
@@ -430,9 +430,9 @@ def history_findings(database: str, room_id: str) -> list[dict[str, Any]]:
     columns = ", ".join(FINDING_COLUMNS)
     with reading(database) as conn:
         return conn.dicts(
-            f"SELECT {columns} FROM findings WHERE room_id = ? AND endpoint = 'history' "  # noqa: S608
+            f"SELECT {columns} FROM findings WHERE room_id = ? AND endpoint = ? "  # noqa: S608
             "ORDER BY id",
-            (room_id,),
+            (room_id, ENDPOINT),
         )
 
 

@@ -617,22 +617,11 @@ def _changes_after(conn: Connection, last: int, limit: int) -> list[tuple[Any, .
     )
 
 
-# What `modgud db migrate-to` copies: every table of the schema but its version — the
-# records, the management room's memory and the history audit's cursors (without them,
-# an audit run again after the move would record every finding a second time) — each
-# with its columns, in the order of its key. The SQL is spelled out per table, from
-# constants only (tests/proxy_addons/test_security.py checks it).
-COPIED_TABLES = (
-    "findings",
-    "knocks",
-    "state_changes",
-    "events",
-    "management_outbox",
-    "management_acted",
-    "management_groups",
-    "management_cursors",
-    "history_cursors",
-)
+# What `modgud db migrate-to` copies, in this order: every table of the schema but its
+# version — the records, the management room's memory and the history audit's cursors
+# (without them, an audit run again after the move would record every finding a second
+# time) — each with its columns, and the order of its key. The SQL is spelled out per
+# table, from constants only (tests/proxy_addons/test_security.py checks it).
 _COPIED_COLUMNS = {
     "findings": "id, " + ", ".join(FINDING_COLUMNS),
     "knocks": ", ".join(KNOCK_COLUMNS),
@@ -657,16 +646,17 @@ _COPIED_ORDER = {
     "management_cursors": "name",
     "history_cursors": "room_id",
 }
-_COUNT = {t: f"SELECT COUNT(*) FROM {t}" for t in COPIED_TABLES}  # noqa: S608
+COPIED_TABLES = tuple(_COPIED_COLUMNS)
+_COUNT = {t: f"SELECT COUNT(*) FROM {t}" for t in _COPIED_COLUMNS}  # noqa: S608
 _COPY = {
     t: f"SELECT {_COPIED_COLUMNS[t]} FROM {t} ORDER BY {_COPIED_ORDER[t]}"  # noqa: S608
-    for t in COPIED_TABLES
+    for t in _COPIED_COLUMNS
 }
 _PASTE = {
     t: f"INSERT INTO {t} ({_COPIED_COLUMNS[t]}) VALUES ("  # noqa: S608
     + ", ".join("?" for _ in _COPIED_COLUMNS[t].split(", "))
     + ")"
-    for t in COPIED_TABLES
+    for t in _COPIED_COLUMNS
 }
 # Identity columns given explicitly: on PostgreSQL the next generated ID must go on after
 # the copied ones (the edge follows findings and state changes by ID).

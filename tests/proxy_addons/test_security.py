@@ -1068,9 +1068,7 @@ class SqlBuilding:
                 keywords=[],
             ):
                 return self.safe(self.ITEMS, items, env, depth)
-            case ast.Subscript(value=container, slice=ast.expr()) if not isinstance(
-                node.slice, ast.Slice
-            ):
+            case ast.Subscript(value=container, slice=index) if not isinstance(index, ast.Slice):
                 # One element of a collection of safe texts, whatever the index.
                 return self.safe(self.ITEMS, container, env, depth)
             case ast.Name(id=name):
